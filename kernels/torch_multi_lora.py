@@ -1,0 +1,90 @@
+"""Pure-torch multi-LoRA: the reference for the Triton kernels and the CPU path.
+
+Assignments (token, adapter) are grouped by adapter by an `AdapterPlan`. Two layouts, both
+plain differentiable torch ops (autograd gives grad x, A, B and weights):
+
+* padded: the groups are padded to the largest one and run as two `bmm`s, a constant number of
+  ops however many adapters the batch mixes (decode: few tokens per adapter);
+* segmented: one pair of matmuls per used adapter over its contiguous slice (prefill and
+  training: many tokens per adapter, where padding would waste work).
+
+`use_padded` picks the one with less work, counting a launched op as `OP_COST` multiply-adds.
+"""
+from __future__ import annotations
+
+import torch
+
+from .plan import AdapterPlan
+
+OP_COST = 1 << 17  # multiply-adds one extra op costs on a CPU, roughly (a few microseconds)
+
+
+def use_padded(plan: AdapterPlan, rank: int, d_in: int, d_out: int) -> bool:
+    """True when padding every group to the largest costs less than one op pair per adapter."""
+    wasted = (len(plan.adapters) * plan.max_count - plan.num_assignments) * rank * (d_in + d_out)
+    return wasted <= 2 * len(plan.adapters) * OP_COST
+
+
+def assignment_scale(plan: AdapterPlan, weights: torch.Tensor | None, scaling, dtype) -> torch.Tensor | float:
+    """Per-assignment factor `w[t, j] * s[a]` in sorted order ([N] tensor), or a float."""
+    coef = 1.0
+    if isinstance(scaling, torch.Tensor):
+        coef = scaling.to(dtype)[plan.sorted_adapter]
+    else:
+        coef = float(scaling)
+    if weights is not None:
+        coef = weights.reshape(-1)[plan.sorted_slot].to(dtype) * coef
+    return coef
+
+
+def multi_lora_torch(x, lora_a, lora_b, plan: AdapterPlan, weights=None, scaling=1.0, base_out=None):
+    """`base_out + sum_j w[t,j] s[a] (x[t] A[a]^T) B[a]^T`, a = ids[t, j]; see `moa.kernels.multi_lora`."""
+    num_tokens, d_out = x.shape[0], lora_b.shape[1]
+    out = base_out if base_out is not None else x.new_zeros(num_tokens, d_out, dtype=lora_b.dtype)
+    if plan.num_assignments == 0:
+        return out if base_out is None else out.clone()
+    xc = x.to(lora_a.dtype)
+    coef = assignment_scale(plan, weights, scaling, lora_a.dtype)
+    rank, d_in = lora_a.shape[1], lora_a.shape[2]
+    all_used = len(plan.adapters) == lora_a.shape[0]
+    if use_padded(plan, rank, d_in, d_out):
+        index = plan.sorted_token[plan.padded_index]  # [U, L]
+        xs = xc.index_select(0, index.reshape(-1)).view(*index.shape, d_in)
+        a = lora_a if all_used else lora_a.index_select(0, plan.adapters_tensor)
+        b = lora_b if all_used else lora_b.index_select(0, plan.adapters_tensor)
+        h = torch.bmm(xs, a.transpose(1, 2))  # [U, L, r]
+        if isinstance(coef, torch.Tensor):
+            pad_coef = torch.where(plan.padded_valid, coef[plan.padded_index], torch.zeros_like(coef[:1]))
+        else:
+            pad_coef = plan.padded_valid.to(h.dtype) * coef
+        y = torch.bmm(h * pad_coef[..., None], b.transpose(1, 2))  # [U, L, d_out]
+        return out.index_add(0, index.reshape(-1), y.reshape(-1, d_out).to(out.dtype))
+    xs = xc.index_select(0, plan.sorted_token)
+    pieces = []
+    for adapter, start, count in zip(plan.adapters, plan.offsets, plan.counts):
+        h = xs[start : start + count] @ lora_a[adapter].t()
+        if isinstance(coef, torch.Tensor):
+            h = h * coef[start : start + count, None]
+        pieces.append(h @ lora_b[adapter].t())
+    y = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+    if not isinstance(coef, torch.Tensor) and coef != 1.0:
+        y = y * coef
+    return out.index_add(0, plan.sorted_token, y.to(out.dtype))
+
+
+def multi_lora_naive(x, lora_a, lora_b, adapter_ids, weights=None, scaling=1.0, base_out=None):
+    """Token-by-token definition of the op, for tests: slow, obviously correct."""
+    ids = adapter_ids[:, None] if adapter_ids.dim() == 1 else adapter_ids
+    rows = []
+    for t in range(x.shape[0]):
+        acc = torch.zeros(lora_b.shape[1], dtype=lora_b.dtype, device=x.device)
+        for j in range(ids.shape[1]):
+            a = int(ids[t, j])
+            if a < 0:
+                continue
+            s = scaling[a] if isinstance(scaling, torch.Tensor) else scaling
+            w = weights[t, j] if weights is not None else 1.0
+            acc = acc + w * s * (lora_b[a] @ (lora_a[a] @ x[t].to(lora_a.dtype)))
+        rows.append(acc)
+    lora = torch.stack(rows) if rows else x.new_zeros(0, lora_b.shape[1], dtype=lora_b.dtype)
+    return lora if base_out is None else base_out + lora.to(base_out.dtype)

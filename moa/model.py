@@ -1,0 +1,281 @@
+"""`MoAForCausalLM`: every culture's LoRA inside one transformers causal LM, behind a token-level router."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers.utils import ModelOutput
+
+from moa.atomic import atomic_directory
+from moa.config import ROUTING_MODES, MoAConfig
+from moa.layers import MoALinear, wrap_linear
+from moa.routing import RoutingCall, TokenRouter, current_call, routing_call
+
+CONFIG_NAME = "moa_config.json"
+WEIGHTS_NAME = "moa_adapters.safetensors"
+
+
+@dataclass
+class MoACausalLMOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    lm_loss: torch.Tensor | None = None
+    router_loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    router_logits: tuple | None = None  # one [B, S, K] tensor per decoder layer
+    past_key_values: object | None = None
+
+
+class MoADecoderLayer(nn.Module):
+    """A decoder layer behind its culture gate: route the tokens, then run the layer with that plan."""
+
+    def __init__(self, layer: nn.Module, router: TokenRouter, owner: object):
+        super().__init__()
+        self.layer = layer
+        self.router = router
+        self.owner = owner
+
+    def forward(self, hidden_states, *args, **kwargs):
+        call = current_call(self.owner)
+        if call is None:
+            return self.layer(hidden_states, *args, **kwargs)
+        seq = hidden_states.shape[1]
+        mask = call.attention_mask[:, -seq:] if call.attention_mask is not None else None
+        logits = self.router(hidden_states, mask, kwargs.get("past_key_values"))
+        if call.collect_logits:
+            call.router_logits.append(logits)
+        plan, weights = call.route(logits)
+        with call.running(plan, weights):
+            return self.layer(hidden_states, *args, **kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # attributes the base model reads off its layers (attention_type, ...)
+            return getattr(self._modules["layer"], name)
+
+
+def _decoder_layers(model: nn.Module) -> tuple[nn.Module, str]:
+    """The ModuleList of decoder layers and its dotted name (the largest ModuleList of blocks)."""
+    best = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) and (best is None or len(module) > len(best[0])):
+            if any(isinstance(m, nn.Linear) or "Linear" in type(m).__name__ for m in module[0].modules()):
+                best = (module, name)
+    if best is None:
+        raise ValueError(f"{type(model).__name__} has no list of decoder layers (nn.ModuleList) to adapt")
+    return best
+
+
+def _matches(name: str, targets: list[str]) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+class MoAForCausalLM(nn.Module):
+    """A causal LM whose target projections hold K culture LoRAs, selected per token by a learned router.
+
+    Build with `from_base(base_model, config)`; the base model is modified in place (its target
+    linears wrapped, its decoder layers put behind gates) and frozen.
+    """
+
+    def __init__(self, base_model: nn.Module, config: MoAConfig):
+        super().__init__()
+        self.base_model = base_model
+        self.config = config
+        self.routing_key = object()  # tags this model's routing calls
+        self.lora_layers: dict[str, MoALinear] = {}  # original module name -> wrapper
+        self.routers = nn.ModuleList()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_base(cls, base_model: nn.Module, config: MoAConfig) -> "MoAForCausalLM":
+        if not isinstance(config, MoAConfig):
+            raise TypeError(f"config must be a moa.MoAConfig, got {type(config).__name__}")
+        model = cls(base_model, config)
+        for p in base_model.parameters():
+            p.requires_grad_(False)
+        layers, layers_name = _decoder_layers(base_model)
+        hidden = base_model.config.hidden_size
+        generator = torch.Generator().manual_seed(config.seed)
+        seen_targets = set()
+        for index, layer in enumerate(list(layers)):
+            prefix = f"{layers_name}.{index}"
+            for name, module in list(layer.named_modules()):
+                if not name or not _matches(name, config.target_modules):
+                    continue
+                seen_targets.update(t for t in config.target_modules if name == t or name.endswith("." + t))
+                wrapped = wrap_linear(module, num_adapters=config.num_cultures, r=config.r, scaling=config.scaling,
+                                      dropout=config.dropout, owner=model.routing_key, generator=generator)
+                device = next(module.parameters()).device
+                wrapped.lora_A.data = wrapped.lora_A.data.to(device)
+                wrapped.lora_B.data = wrapped.lora_B.data.to(device)
+                parent = layer.get_submodule(name.rpartition(".")[0]) if "." in name else layer
+                setattr(parent, name.rpartition(".")[2], wrapped)
+                model.lora_layers[f"{prefix}.{name}"] = wrapped
+            router = TokenRouter(hidden, config.num_cultures, index)
+            with torch.no_grad():
+                router.gate.weight.copy_(torch.randn(router.gate.weight.shape, generator=generator) * hidden**-0.5)
+            router.to(next(layer.parameters()).device)
+            model.routers.append(router)
+            layers[index] = MoADecoderLayer(layer, router, model.routing_key)
+        missing = [t for t in config.target_modules if t not in seen_targets]
+        if missing:
+            linear_names = sorted({n.rpartition(".")[2] for n, m in layers[0].layer.named_modules()
+                                   if isinstance(m, MoALinear) or isinstance(m, nn.Linear) or "Linear" in type(m).__name__})
+            raise ValueError(f"target_modules {missing} match no linear layer in {type(base_model).__name__}'s decoder "
+                             f"layers; linear layers there: {linear_names}")
+        base_model.register_forward_pre_hook(model._capture_attention_mask, with_kwargs=True)
+        return model
+
+    def _capture_attention_mask(self, module, args, kwargs):
+        call = current_call(self.routing_key)
+        if call is not None:
+            call.attention_mask = kwargs.get("attention_mask")
+
+    # ------------------------------------------------------------------ routing inputs
+    @property
+    def device(self) -> torch.device:
+        return next(self.base_model.parameters()).device
+
+    def culture_ids(self, cultures) -> torch.Tensor:
+        """LongTensor [B] of culture ids from names, ints (-1 = base model) or a tensor; range-checked."""
+        if isinstance(cultures, torch.Tensor):
+            if cultures.dtype.is_floating_point or cultures.dim() != 1:
+                raise ValueError(f"culture_ids must be an integer tensor of shape [B], got {cultures.dtype} {tuple(cultures.shape)}")
+            ids = cultures.long()
+            if ids.numel():
+                lo, hi = int(ids.min()), int(ids.max())
+                bad = lo if lo < -1 else hi if hi >= self.config.num_cultures else None
+                if bad is not None:
+                    raise ValueError(f"culture id {bad} out of range: expected -1 (base model) or 0..{self.config.num_cultures - 1}")
+            return ids.to(self.device)
+        return torch.tensor([self.config.culture_id(c) for c in cultures], dtype=torch.long, device=self.device)
+
+    def _routing_call(self, routing, culture_ids, top_k, batch, collect_logits=True) -> RoutingCall:
+        if culture_ids is not None:
+            culture_ids = self.culture_ids(culture_ids)
+            if culture_ids.shape[0] != batch:
+                raise ValueError(f"culture_ids has {culture_ids.shape[0]} entries but the batch has {batch} rows")
+        if routing is None:
+            gold = culture_ids is not None and self.config.train_routing == "gold"
+            routing = "oracle" if gold else "router"
+        if routing not in ROUTING_MODES:
+            raise ValueError(f"unknown routing {routing!r}: expected one of {ROUTING_MODES}")
+        if routing == "oracle" and culture_ids is None:
+            raise ValueError("routing='oracle' needs culture_ids (one culture per row)")
+        top_k = self.config.top_k if top_k is None else top_k
+        if routing == "topk" and not 1 <= top_k <= self.config.num_cultures:
+            raise ValueError(f"top_k must be in 1..{self.config.num_cultures}, got {top_k}")
+        return RoutingCall(owner=self.routing_key, mode=routing, num_cultures=self.config.num_cultures,
+                           culture_ids=culture_ids, top_k=top_k, collect_logits=collect_logits)
+
+    # ------------------------------------------------------------------ forward / generate
+    def forward(self, input_ids=None, attention_mask=None, labels=None, culture_ids=None, routing=None, top_k=None,
+                **kwargs) -> MoACausalLMOutput:
+        """Forward with routing.
+
+        routing: 'oracle' (every token of row b uses culture_ids[b]), 'router' (top-1 of each layer's
+        gate), 'topk' (renormalised top-k mix). None: with culture_ids, `config.train_routing`
+        decides ('gold' -> oracle, 'router' -> router); without, 'router'.
+        """
+        ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        call = self._routing_call(routing, culture_ids, top_k, ref.shape[0])
+        with routing_call(call):
+            out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        router_loss = self.router_loss(call.router_logits, call.culture_ids, labels, attention_mask)
+        lm_loss = out.loss
+        if lm_loss is not None and router_loss is not None:
+            loss = lm_loss + self.config.router_loss_weight * router_loss
+        else:
+            loss = lm_loss if lm_loss is not None else router_loss
+        return MoACausalLMOutput(loss=loss, lm_loss=lm_loss, router_loss=router_loss, logits=out.logits,
+                                 router_logits=tuple(call.router_logits), past_key_values=getattr(out, "past_key_values", None))
+
+    @staticmethod
+    def router_loss(router_logits, culture_ids, labels=None, attention_mask=None):
+        """Cross-entropy of every supervised token's gate against its row's culture, averaged over layers.
+
+        Supervised tokens: labels != -100 where labels are given, else attended tokens; rows with
+        culture -1 are left out. None when there is nothing to supervise.
+        """
+        if culture_ids is None or not router_logits:
+            return None
+        batch, seq, _ = router_logits[0].shape
+        if labels is not None:
+            mask = labels != -100
+        elif attention_mask is not None:
+            mask = attention_mask.bool()
+        else:
+            mask = torch.ones(batch, seq, dtype=torch.bool, device=culture_ids.device)
+        mask = mask & (culture_ids[:, None] >= 0)
+        if not bool(mask.any()):
+            return None
+        target = culture_ids[:, None].expand(batch, seq)[mask]
+        losses = [F.cross_entropy(logits[mask].float(), target) for logits in router_logits]
+        return torch.stack(losses).mean()
+
+    @torch.no_grad()
+    def generate(self, input_ids=None, attention_mask=None, culture_ids=None, routing="router", top_k=None, **kwargs):
+        """transformers `generate` (KV cache on) with the routing applied to every prompt and new token."""
+        if kwargs.get("num_beams", 1) > 1:
+            raise ValueError(f"num_beams={kwargs['num_beams']} is not supported: routing state follows rows, use num_beams=1")
+        call = self._routing_call(routing, culture_ids, top_k, input_ids.shape[0], collect_logits=False)
+        with routing_call(call):
+            return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    # ------------------------------------------------------------------ weights
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every culture adapter and router weight, keyed by the base model's module names."""
+        state = {}
+        for name, layer in self.lora_layers.items():
+            state[f"{name}.lora_A"] = layer.lora_A
+            state[f"{name}.lora_B"] = layer.lora_B
+        for index, router in enumerate(self.routers):
+            for pname, p in router.named_parameters():
+                state[f"routers.{index}.{pname}"] = p
+        return state
+
+    @torch.no_grad()
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]):
+        own = self.adapter_state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"adapter weights do not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        for key, tensor in state.items():
+            if tuple(tensor.shape) != tuple(own[key].shape):
+                raise ValueError(f"{key}: shape {tuple(tensor.shape)} does not fit the model's {tuple(own[key].shape)}")
+            own[key].copy_(tensor.to(own[key].device, own[key].dtype))
+
+    def save_pretrained(self, path: str | Path):
+        """Write moa_config.json and moa_adapters.safetensors (adapters and routers only), atomically."""
+        state = {k: v.detach().to("cpu").contiguous() for k, v in self.adapter_state_dict().items()}
+        base_name = getattr(getattr(self.base_model, "config", None), "_name_or_path", "")
+        with atomic_directory(path) as tmp:
+            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "base_model": str(base_name)})
+            self.config.save(tmp / CONFIG_NAME)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, base_model: nn.Module) -> "MoAForCausalLM":
+        path = Path(path)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (path / name).is_file():
+                raise FileNotFoundError(f"{path / name} not found: {path} is not a MoA save directory")
+        model = cls.from_base(base_model, MoAConfig.from_dict(json.loads((path / CONFIG_NAME).read_text()), str(path / CONFIG_NAME)))
+        model.load_adapter_state_dict(load_file(str(path / WEIGHTS_NAME)))
+        return model
+
+    def load_peft_adapter(self, peft_dir: str | Path, culture: str | int):
+        """Read a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) into one culture slot."""
+        from moa.peft_io import load_peft_adapter
+
+        load_peft_adapter(self, peft_dir, culture)
+
+    def export_peft_adapter(self, culture: str | int, out_dir: str | Path):
+        """Write one culture's adapter as a PEFT LoRA directory that `peft.PeftModel.from_pretrained` loads."""
+        from moa.peft_io import export_peft_adapter
+
+        export_peft_adapter(self, culture, out_dir)

@@ -1,0 +1,129 @@
+"""Token-level culture routing: the per-layer gate and the per-call routing state.
+
+A forward call of `MoAForCausalLM` opens a `RoutingCall` and makes it current in a
+`contextvars.ContextVar` for the duration of the call. Decoder layers read it, let their gate
+decide, and publish the resulting `AdapterPlan` on the call for the projections inside them.
+The state lives on the call object, tagged with the owning model: two models, or two threads,
+never see each other's routing.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moa.kernels import AdapterPlan, plan_adapters
+
+_CURRENT: contextvars.ContextVar["RoutingCall | None"] = contextvars.ContextVar("moa_routing_call", default=None)
+
+
+@dataclass(eq=False)
+class RoutingCall:
+    """Routing for one forward (or one `generate`) call of one model."""
+
+    owner: object  # the model's routing key
+    mode: str  # "oracle" | "router" | "topk"
+    num_cultures: int
+    culture_ids: torch.Tensor | None = None  # [B] long, -1 = base model
+    top_k: int = 1
+    attention_mask: torch.Tensor | None = None  # [B, S_total] of the current step, captured per base forward
+    collect_logits: bool = True
+    router_logits: list = field(default_factory=list)  # per layer [B, S, K]
+    active: tuple | None = None  # (plan, weights) of the decoder layer running now
+    _oracle_plans: dict = field(default_factory=dict)
+
+    def oracle_plan(self, batch: int, seq: int, device) -> AdapterPlan:
+        """Every token takes its row's culture; built once per shape and shared by all layers."""
+        key = (batch, seq)
+        if key not in self._oracle_plans:
+            ids = self.culture_ids.to(device)
+            if ids.shape[0] != batch:
+                if batch % ids.shape[0]:
+                    raise ValueError(f"culture_ids has {ids.shape[0]} rows but the batch has {batch}")
+                ids = ids.repeat_interleave(batch // ids.shape[0])
+            self._oracle_plans[key] = plan_adapters(ids[:, None].expand(batch, seq).reshape(-1), self.num_cultures)
+        return self._oracle_plans[key]
+
+    def route(self, logits: torch.Tensor) -> tuple[AdapterPlan, torch.Tensor | None]:
+        """Adapter plan and per-token weights for one layer, from its gate logits [B, S, K]."""
+        batch, seq, k = logits.shape
+        if self.mode == "oracle":
+            return self.oracle_plan(batch, seq, logits.device), None
+        flat = logits.reshape(-1, k)
+        if self.mode == "router":
+            return plan_adapters(flat.argmax(-1), k), None
+        probs = flat.float().softmax(-1)
+        top_w, top_i = probs.topk(self.top_k, dim=-1)
+        return plan_adapters(top_i, k), (top_w / top_w.sum(-1, keepdim=True)).to(logits.dtype)
+
+    @contextlib.contextmanager
+    def running(self, plan: AdapterPlan, weights):
+        previous, self.active = self.active, (plan, weights)
+        try:
+            yield
+        finally:
+            self.active = previous
+
+
+def current_call(owner: object) -> RoutingCall | None:
+    """The routing call of `owner` in progress in this context, if any."""
+    call = _CURRENT.get()
+    return call if call is not None and call.owner is owner else None
+
+
+@contextlib.contextmanager
+def routing_call(call: RoutingCall):
+    token = _CURRENT.set(call)
+    try:
+        yield call
+    finally:
+        _CURRENT.reset(token)
+
+
+class TokenRouter(nn.Module):
+    """Per-layer gate: culture logits for every token.
+
+    It reads the layer's input hidden states, RMS-normalised and averaged causally over the
+    tokens so far (padding excluded), so even the first layer, whose input is just the token
+    embedding, sees the cultural cues earlier in the sequence. Under a KV cache the running sum
+    is kept on the cache object, so decoding one token at a time gives the same logits as a
+    full forward.
+    """
+
+    def __init__(self, hidden_size: int, num_cultures: int, layer_index: int):
+        super().__init__()
+        self.layer_index = layer_index
+        self.gate = nn.Linear(hidden_size, num_cultures, bias=True)
+        nn.init.normal_(self.gate.weight, std=hidden_size**-0.5)
+        nn.init.zeros_(self.gate.bias)
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None, cache=None) -> torch.Tensor:
+        h = F.rms_norm(hidden.float(), hidden.shape[-1:])
+        m = torch.ones(h.shape[:2], device=h.device) if mask is None else mask.to(h.device, torch.float32)
+        total = torch.cumsum(h * m[..., None], dim=1)
+        count = torch.cumsum(m, dim=1)
+        store = _router_store(cache)
+        if store is not None and cache.get_seq_length(self.layer_index) > 0:
+            if self.layer_index not in store:
+                raise RuntimeError("KV cache holds past tokens but no router state: pass the cache produced by this MoA model")
+            past_total, past_count = store[self.layer_index]
+            total, count = total + past_total[:, None], count + past_count[:, None]
+        if store is not None:
+            store[self.layer_index] = (total[:, -1].detach(), count[:, -1].detach())
+        pooled = total / count.clamp(min=1.0)[..., None]
+        return self.gate(F.rms_norm(pooled, pooled.shape[-1:]).to(self.gate.weight.dtype))
+
+
+def _router_store(cache) -> dict | None:
+    """Per-layer running sums for the router, kept on the KV cache object they belong to."""
+    if cache is None or not hasattr(cache, "get_seq_length"):
+        return None
+    store = getattr(cache, "_moa_router_state", None)
+    if store is None:
+        store = {}
+        cache._moa_router_state = store
+    return store
