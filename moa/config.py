@@ -27,7 +27,7 @@ class MoAConfig:
         default="gold",
         metadata={"help": "Adapter the LM loss runs through in training: 'gold' (the row's culture label) or 'router' (the gate's top-1)."},
     )
-    top_k: int = field(default=2, metadata={"help": "Adapters mixed per token in 'topk' routing."})
+    top_k: int | None = field(default=None, metadata={"help": "Adapters mixed per token in 'topk' routing (default: min(2, number of cultures))."})
     seed: int = field(default=0, metadata={"help": "Seed for adapter and router initialisation."})
 
     def __post_init__(self):
@@ -57,6 +57,8 @@ class MoAConfig:
             raise ValueError(f"router_loss_weight must be >= 0, got {self.router_loss_weight!r}")
         if self.train_routing not in TRAIN_ROUTING:
             raise ValueError(f"train_routing must be one of {TRAIN_ROUTING}, got {self.train_routing!r}")
+        if self.top_k is None:
+            self.top_k = min(2, len(self.cultures))
         if not isinstance(self.top_k, int) or not 1 <= self.top_k <= len(self.cultures):
             raise ValueError(f"top_k must be an integer in 1..{len(self.cultures)} (number of cultures), got {self.top_k!r}")
 

@@ -1,0 +1,218 @@
+"""MoAForCausalLM: mixed-culture batches, PEFT equivalence, save/load, generation, bad input."""
+import copy
+import threading
+
+import pytest
+import torch
+from helpers import TARGETS, fresh_base, randomize_adapters, write_peft_adapters
+from peft import PeftModel
+
+import moa
+
+CULTURES = ["japan", "india", "nigeria"]
+
+
+def moa_model(base, r=4, alpha=8, **kw):
+    return moa.MoAForCausalLM.from_base(copy.deepcopy(base), moa.MoAConfig(cultures=CULTURES, r=r, alpha=alpha, **kw))
+
+
+@pytest.fixture(scope="module")
+def base():
+    return fresh_base("llama")
+
+
+@pytest.fixture(scope="module")
+def peft_dirs(base, tmp_path_factory):
+    return write_peft_adapters(base, tmp_path_factory.mktemp("peft"), CULTURES, r=4, alpha=8)
+
+
+def tokens(batch=6, seq=12, seed=0):
+    return torch.randint(3, 300, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def test_mixed_batch_matches_peft_and_rows_alone(base, peft_dirs):
+    model = moa_model(base, alpha=16).eval()  # a different alpha: PEFT's scaling is folded into B
+    for d, c in zip(peft_dirs, CULTURES):
+        model.load_peft_adapter(d, culture=c)
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(peft_dirs[0]), adapter_name=CULTURES[0])
+    for d, c in zip(peft_dirs[1:], CULTURES[1:]):
+        peft_model.load_adapter(str(d), adapter_name=c)
+    peft_model.eval()
+    ids = tokens()
+    rows = ["japan", "nigeria", "india", "india", "japan", "nigeria"]
+    with torch.no_grad():
+        mixed = model(input_ids=ids, culture_ids=rows, routing="oracle").logits
+        want = peft_model(input_ids=ids, adapter_names=rows).logits
+        alone = torch.cat([model(input_ids=ids[i:i + 1], culture_ids=[c], routing="oracle").logits for i, c in enumerate(rows)])
+        plain = base(input_ids=ids).logits
+    assert (mixed - want).abs().max() <= 1e-5
+    assert (mixed - alone).abs().max() <= 1e-5
+    assert (mixed - plain).abs().max() > 1e-2  # the adapters really act
+
+
+def test_minus_one_is_the_base_model(base):
+    model = moa_model(base)
+    randomize_adapters(model)
+    ids = tokens(2)
+    with torch.no_grad():
+        out = model(input_ids=ids, culture_ids=torch.tensor([-1, 1]), routing="oracle").logits
+        torch.testing.assert_close(out[0], base(input_ids=ids[:1]).logits[0])
+
+
+def test_export_loads_in_peft(base, tmp_path):
+    model = moa_model(base).eval()
+    randomize_adapters(model, seed=3)
+    model.export_peft_adapter("india", tmp_path / "india")
+    peft_model = PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "india")).eval()
+    ids = tokens()
+    with torch.no_grad():
+        want = model(input_ids=ids, culture_ids=["india"] * 6, routing="oracle").logits
+        assert (peft_model(input_ids=ids).logits - want).abs().max() <= 1e-5
+    # and back into another slot of a fresh model
+    other = moa_model(base).eval()
+    other.load_peft_adapter(tmp_path / "india", culture="japan")
+    with torch.no_grad():
+        assert (other(input_ids=ids, culture_ids=["japan"] * 6, routing="oracle").logits - want).abs().max() <= 1e-5
+
+
+def test_save_load_identical(base, tmp_path):
+    model = moa_model(base)
+    randomize_adapters(model, seed=4)
+    model.save_pretrained(tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["moa_adapters.safetensors", "moa_config.json"]
+    loaded = moa.MoAForCausalLM.from_pretrained(tmp_path / "ckpt", base_model=copy.deepcopy(base))
+    ids = tokens()
+    with torch.no_grad():
+        for routing in ("oracle", "router", "topk"):
+            a = model(input_ids=ids, culture_ids=[0, 1, 2, 0, 1, 2], routing=routing).logits
+            b = loaded(input_ids=ids, culture_ids=[0, 1, 2, 0, 1, 2], routing=routing).logits
+            assert torch.equal(a, b), routing
+    # a second save replaces the first atomically and leaves no temporary directories
+    model.save_pretrained(tmp_path / "ckpt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_failed_save_keeps_previous(base, tmp_path, monkeypatch):
+    model = moa_model(base)
+    model.save_pretrained(tmp_path / "ckpt")
+    before = (tmp_path / "ckpt" / "moa_adapters.safetensors").read_bytes()
+    monkeypatch.setattr(model.config, "save", lambda path: (_ for _ in ()).throw(OSError("disk full")))
+    randomize_adapters(model, seed=9)
+    with pytest.raises(OSError, match="disk full"):
+        model.save_pretrained(tmp_path / "ckpt")
+    assert (tmp_path / "ckpt" / "moa_adapters.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_families_generate_with_cache(family):
+    model = moa_model(fresh_base(family)).eval()
+    randomize_adapters(model, std=0.2)
+    ids = tokens(3, 8)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # a left-padded row
+    for routing in ("oracle", "router", "topk"):
+        out = model.generate(input_ids=ids, attention_mask=mask, culture_ids=[2, 0, 1], routing=routing,
+                             max_new_tokens=5, do_sample=False, pad_token_id=0)
+        # greedy continuation with the KV cache equals the argmax of full forwards without it
+        full = out[:, :8]
+        for _ in range(5):
+            m = torch.cat([mask, torch.ones(3, full.shape[1] - 8, dtype=mask.dtype)], 1)
+            with torch.no_grad():
+                logits = model(input_ids=full, attention_mask=m, culture_ids=[2, 0, 1], routing=routing, use_cache=False).logits
+            full = torch.cat([full, logits[:, -1].argmax(-1, keepdim=True)], 1)
+        assert torch.equal(out, full), (family, routing)
+
+
+def test_router_logits_and_losses(base):
+    model = moa_model(base, router_loss_weight=0.5)
+    ids = tokens()
+    labels = ids.clone()
+    labels[:, :4] = -100
+    out = model(input_ids=ids, labels=labels, culture_ids=[0, 1, 2, 0, 1, 2])
+    assert len(out.router_logits) == base.config.num_hidden_layers
+    assert out.router_logits[0].shape == (6, 12, 3)
+    torch.testing.assert_close(out.loss, out.lm_loss + 0.5 * out.router_loss)
+    want = torch.stack([torch.nn.functional.cross_entropy(l[:, 4:].reshape(-1, 3), torch.tensor([0, 1, 2] * 2).repeat_interleave(8))
+                        for l in out.router_logits]).mean()
+    torch.testing.assert_close(out.router_loss, want)
+    out.loss.backward()
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or "router" in n for n in trainable)
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and "lora_A" not in n)
+
+
+def test_threads_do_not_share_routing(base):
+    model_a, model_b = moa_model(base), moa_model(base)
+    randomize_adapters(model_a, seed=1)
+    randomize_adapters(model_b, seed=2)
+    ids = tokens(2)
+    with torch.no_grad():
+        want_a = model_a(input_ids=ids, culture_ids=[0, 1], routing="oracle").logits
+        want_b = model_b(input_ids=ids, culture_ids=[2, -1], routing="oracle").logits
+    errors = []
+
+    def loop(model, cultures, want):
+        with torch.no_grad():
+            for _ in range(10):
+                if not torch.equal(model(input_ids=ids, culture_ids=cultures, routing="oracle").logits, want):
+                    errors.append(cultures)
+
+    threads = [threading.Thread(target=loop, args=(model_a, [0, 1], want_a)), threading.Thread(target=loop, args=(model_b, [2, -1], want_b))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
+def test_bnb_nf4_base(tmp_path):
+    bnb_config = pytest.importorskip("transformers").BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    from transformers import AutoModelForCausalLM
+
+    from moa.bnb import MoALinear4bit
+
+    fresh_base().save_pretrained(tmp_path / "base")
+    quantized = AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=bnb_config, device_map="cpu")
+    model = moa.MoAForCausalLM.from_base(quantized, moa.MoAConfig(cultures=CULTURES, r=4))
+    assert all(isinstance(layer, MoALinear4bit) for layer in model.lora_layers.values())
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    ids = tokens(3, 10)
+    losses = []
+    for _ in range(8):
+        out = model(input_ids=ids, labels=ids, culture_ids=[0, 1, 2])
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(out.lm_loss.item())
+    assert losses[-1] < losses[0] - 0.1
+    layer = model.lora_layers["model.layers.0.self_attn.q_proj"]
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(layer.base_layer(x), x @ layer.base_weight().t(), atol=1e-4, rtol=1e-4)
+
+
+def test_bad_input(base, peft_dirs, tmp_path):
+    model = moa_model(base)
+    ids = tokens(2)
+    with pytest.raises(ValueError, match="culture id 3 out of range"):
+        model(input_ids=ids, culture_ids=torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="unknown culture 'france'"):
+        model(input_ids=ids, culture_ids=["japan", "france"])
+    with pytest.raises(ValueError, match="culture_ids has 3 entries but the batch has 2 rows"):
+        model(input_ids=ids, culture_ids=[0, 1, 2])
+    with pytest.raises(ValueError, match="routing='oracle' needs culture_ids"):
+        model(input_ids=ids, routing="oracle")
+    with pytest.raises(ValueError, match="unknown routing 'soft'"):
+        model(input_ids=ids, routing="soft")
+    with pytest.raises(ValueError, match="adapter rank r=4 does not fit this model's r=8"):
+        moa_model(base, r=8).load_peft_adapter(peft_dirs[0], culture="japan")
+    narrow = moa.MoAForCausalLM.from_base(copy.deepcopy(base), moa.MoAConfig(cultures=CULTURES, r=4, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="adapter targets 'model.layers.0.mlp.down_proj', which this model does not adapt"):
+        narrow.load_peft_adapter(peft_dirs[0], culture="japan")
+    wide = fresh_base(hidden_size=96, num_attention_heads=4)
+    wrong = write_peft_adapters(wide, tmp_path, ["wide"], r=4, targets=TARGETS)[0]
+    with pytest.raises(ValueError, match=r"lora_[AB] has shape \((96, 4|4, 96)\), the base layer needs \((64, 4|4, 64)\)"):
+        model.load_peft_adapter(wrong, culture="india")
+    with pytest.raises(FileNotFoundError, match="not a PEFT adapter directory"):
+        model.load_peft_adapter(tmp_path / "missing", culture="india")

@@ -1,0 +1,81 @@
+"""The torch multi-LoRA op against its token-by-token definition, gradients by gradcheck, bad input."""
+import pytest
+import torch
+
+from moa.kernels import multi_lora, plan_adapters
+from moa.kernels import torch_multi_lora as tml
+from moa.kernels.torch_multi_lora import multi_lora_naive
+
+
+def make_inputs(T, K, r, d_in, d_out, k=1, dtype=torch.float64, none_share=0.2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, d_in, generator=g, dtype=dtype)
+    a = torch.randn(K, r, d_in, generator=g, dtype=dtype)
+    b = torch.randn(K, d_out, r, generator=g, dtype=dtype)
+    ids = torch.randint(0, K, (T, k), generator=g)
+    ids[torch.rand(T, k, generator=g) < none_share] = -1
+    w = torch.rand(T, k, generator=g, dtype=dtype)
+    base = torch.randn(T, d_out, generator=g, dtype=dtype)
+    scaling = torch.rand(K, generator=g, dtype=dtype) + 0.5
+    return x, a, b, ids, w, base, scaling
+
+
+@pytest.fixture(params=["padded", "segmented"])
+def layout(request, monkeypatch):
+    monkeypatch.setattr(tml, "use_padded", lambda *args: request.param == "padded")
+    return request.param
+
+
+@pytest.mark.parametrize("T,K,r,d_in,d_out,k", [(1, 1, 1, 5, 3, 1), (13, 3, 4, 67, 130, 1), (29, 10, 16, 33, 17, 2), (40, 3, 2, 8, 8, 3)])
+def test_matches_definition(layout, T, K, r, d_in, d_out, k):
+    x, a, b, ids, w, base, scaling = make_inputs(T, K, r, d_in, d_out, k)
+    got = multi_lora(x, a, b, ids, weights=w, scaling=scaling, base_out=base, backend="torch")
+    want = multi_lora_naive(x, a, b, ids, weights=w, scaling=scaling, base_out=base)
+    torch.testing.assert_close(got, want)
+    got = multi_lora(x, a, b, ids[:, 0], scaling=0.5)
+    torch.testing.assert_close(got, multi_lora_naive(x, a, b, ids[:, 0], scaling=0.5))
+
+
+def test_gradcheck(layout):
+    x, a, b, ids, w, base, scaling = make_inputs(11, 3, 2, 6, 5, k=2)
+    for t in (x, a, b, w, base):
+        t.requires_grad_(True)
+    plan = plan_adapters(ids, 3)
+    assert torch.autograd.gradcheck(lambda *t: multi_lora(t[0], t[1], t[2], plan, weights=t[3], scaling=scaling, base_out=t[4]),
+                                    (x, a, b, w, base))
+
+
+def test_all_none_and_empty():
+    x, a, b, ids, w, base, scaling = make_inputs(7, 3, 2, 6, 5)
+    none = torch.full((7,), -1)
+    torch.testing.assert_close(multi_lora(x, a, b, none, base_out=base), base)
+    assert multi_lora(x, a, b, none).abs().sum() == 0
+    out = multi_lora(x[:0], a, b, torch.zeros(0, dtype=torch.long))
+    assert out.shape == (0, 5)
+
+
+def test_plan_groups_tokens_by_adapter():
+    ids = torch.tensor([2, 0, -1, 2, 1, 0, 2])
+    plan = plan_adapters(ids, 4)
+    assert plan.adapters == [0, 1, 2] and plan.counts == [2, 1, 3] and plan.offsets == [0, 2, 3]
+    assert plan.sorted_token.tolist() == [1, 5, 4, 0, 3, 6]  # stable within each adapter
+    assert plan.sorted_adapter.tolist() == [0, 0, 1, 2, 2, 2]
+
+
+@pytest.mark.parametrize("bad,match", [
+    (lambda t: dict(adapter_ids=torch.tensor([0, 3, 1])), "adapter id 3 out of range"),
+    (lambda t: dict(adapter_ids=torch.tensor([0, -2, 1])), "adapter id -2 out of range"),
+    (lambda t: dict(adapter_ids=torch.tensor([0.0, 1.0, 1.0])), "integer tensor"),
+    (lambda t: dict(adapter_ids=torch.tensor([0, 1])), "cover 2 tokens but x has 3"),
+    (lambda t: dict(x=torch.randn(3, 7)), "d_in=7"),
+    (lambda t: dict(lora_b=torch.randn(3, 5, 4)), "does not fit lora_a"),
+    (lambda t: dict(weights=torch.ones(3, 2)), "weights shape"),
+    (lambda t: dict(scaling=torch.ones(2)), r"scaling tensor must have shape \[3\]"),
+    (lambda t: dict(base_out=torch.randn(3, 4)), "base_out shape"),
+    (lambda t: dict(backend="cuda"), "unknown backend"),
+])
+def test_bad_input_names_the_value(bad, match):
+    args = dict(x=torch.randn(3, 6), lora_a=torch.randn(3, 2, 6), lora_b=torch.randn(3, 5, 2), adapter_ids=torch.tensor([0, 2, 1]))
+    args.update(bad(args))
+    with pytest.raises((ValueError, TypeError), match=match):
+        multi_lora(**args)
