@@ -61,6 +61,11 @@ class AdapterPlan:
         return torch.where(col[None, :] < counts[:, None], pos, torch.zeros_like(pos))
 
     @cached_property
+    def padded_token(self) -> torch.Tensor:
+        """[U, L] token of each padded entry (padding repeats a real token; its weight is zeroed)."""
+        return self.sorted_token[self.padded_index]
+
+    @cached_property
     def padded_valid(self) -> torch.Tensor:
         """[U, L] bool: which padded entries are real assignments."""
         counts = torch.tensor(self.counts, device=self.ids.device)

@@ -9,6 +9,7 @@ plain differentiable torch ops (autograd gives grad x, A, B and weights):
   training: many tokens per adapter, where padding would waste work).
 
 `use_padded` picks the one with less work, counting a launched op as `OP_COST` multiply-adds.
+The LoRA output is accumulated into `base_out` in place when it is given.
 """
 from __future__ import annotations
 
@@ -26,50 +27,47 @@ def use_padded(plan: AdapterPlan, rank: int, d_in: int, d_out: int) -> bool:
 
 
 def assignment_scale(plan: AdapterPlan, weights: torch.Tensor | None, scaling, dtype) -> torch.Tensor | float:
-    """Per-assignment factor `w[t, j] * s[a]` in sorted order ([N] tensor), or a float."""
-    coef = 1.0
-    if isinstance(scaling, torch.Tensor):
-        coef = scaling.to(dtype)[plan.sorted_adapter]
-    else:
-        coef = float(scaling)
+    """Per-assignment factor `w[t, j] * s[a]` in sorted order ([N] tensor), or a float when it is uniform."""
+    coef = scaling.to(dtype)[plan.sorted_adapter] if isinstance(scaling, torch.Tensor) else float(scaling)
     if weights is not None:
         coef = weights.reshape(-1)[plan.sorted_slot].to(dtype) * coef
     return coef
 
 
-def multi_lora_torch(x, lora_a, lora_b, plan: AdapterPlan, weights=None, scaling=1.0, base_out=None):
-    """`base_out + sum_j w[t,j] s[a] (x[t] A[a]^T) B[a]^T`, a = ids[t, j]; see `moa.kernels.multi_lora`."""
-    num_tokens, d_out = x.shape[0], lora_b.shape[1]
-    out = base_out if base_out is not None else x.new_zeros(num_tokens, d_out, dtype=lora_b.dtype)
-    if plan.num_assignments == 0:
-        return out if base_out is None else out.clone()
-    xc = x.to(lora_a.dtype)
-    coef = assignment_scale(plan, weights, scaling, lora_a.dtype)
-    rank, d_in = lora_a.shape[1], lora_a.shape[2]
+def _padded(x, lora_a, lora_b, plan: AdapterPlan, coef):
+    """[U*L] token index and [U*L, d_out] LoRA outputs, groups padded to the largest."""
     all_used = len(plan.adapters) == lora_a.shape[0]
-    if use_padded(plan, rank, d_in, d_out):
-        index = plan.sorted_token[plan.padded_index]  # [U, L]
-        xs = xc.index_select(0, index.reshape(-1)).view(*index.shape, d_in)
-        a = lora_a if all_used else lora_a.index_select(0, plan.adapters_tensor)
-        b = lora_b if all_used else lora_b.index_select(0, plan.adapters_tensor)
-        h = torch.bmm(xs, a.transpose(1, 2))  # [U, L, r]
-        if isinstance(coef, torch.Tensor):
-            pad_coef = torch.where(plan.padded_valid, coef[plan.padded_index], torch.zeros_like(coef[:1]))
-        else:
-            pad_coef = plan.padded_valid.to(h.dtype) * coef
-        y = torch.bmm(h * pad_coef[..., None], b.transpose(1, 2))  # [U, L, d_out]
-        return out.index_add(0, index.reshape(-1), y.reshape(-1, d_out).to(out.dtype))
-    xs = xc.index_select(0, plan.sorted_token)
+    a = lora_a if all_used else lora_a.index_select(0, plan.adapters_tensor)
+    b = lora_b if all_used else lora_b.index_select(0, plan.adapters_tensor)
+    index = plan.padded_token.reshape(-1)
+    h = torch.bmm(x.index_select(0, index).view(*plan.padded_token.shape, -1), a.transpose(1, 2))  # [U, L, r]
+    if isinstance(coef, torch.Tensor):
+        h = h * torch.where(plan.padded_valid, coef[plan.padded_index], torch.zeros_like(coef[:1]))[..., None]
+    else:
+        h = h * (plan.padded_valid[..., None] * coef)
+    return index, torch.bmm(h, b.transpose(1, 2)).reshape(index.shape[0], -1)
+
+
+def _segmented(x, lora_a, lora_b, plan: AdapterPlan, coef):
+    """[N] token index and [N, d_out] LoRA outputs, one matmul pair per used adapter."""
+    xs = x.index_select(0, plan.sorted_token)
     pieces = []
     for adapter, start, count in zip(plan.adapters, plan.offsets, plan.counts):
         h = xs[start : start + count] @ lora_a[adapter].t()
-        if isinstance(coef, torch.Tensor):
-            h = h * coef[start : start + count, None]
+        h = h * (coef[start : start + count, None] if isinstance(coef, torch.Tensor) else coef)
         pieces.append(h @ lora_b[adapter].t())
-    y = torch.cat(pieces) if len(pieces) > 1 else pieces[0]
-    if not isinstance(coef, torch.Tensor) and coef != 1.0:
-        y = y * coef
-    return out.index_add(0, plan.sorted_token, y.to(out.dtype))
+    return plan.sorted_token, torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+
+
+def multi_lora_torch(x, lora_a, lora_b, plan: AdapterPlan, weights=None, scaling=1.0, base_out=None):
+    """`base_out + sum_j w[t,j] s[a] (x[t] A[a]^T) B[a]^T`, a = ids[t, j]; see `moa.kernels.multi_lora`."""
+    out = base_out if base_out is not None else x.new_zeros(x.shape[0], lora_b.shape[1], dtype=lora_b.dtype)
+    if plan.num_assignments == 0:
+        return out
+    coef = assignment_scale(plan, weights, scaling, lora_a.dtype)
+    layout = _padded if use_padded(plan, lora_a.shape[1], lora_a.shape[2], lora_b.shape[1]) else _segmented
+    index, y = layout(x.to(lora_a.dtype), lora_a, lora_b, plan, coef)
+    return out.index_add_(0, index, y.to(out.dtype))
 
 
 def multi_lora_naive(x, lora_a, lora_b, adapter_ids, weights=None, scaling=1.0, base_out=None):

@@ -43,12 +43,15 @@ class MoADecoderLayer(nn.Module):
         call = current_call(self.owner)
         if call is None:
             return self.layer(hidden_states, *args, **kwargs)
-        seq = hidden_states.shape[1]
-        mask = call.attention_mask[:, -seq:] if call.attention_mask is not None else None
-        logits = self.router(hidden_states, mask, kwargs.get("past_key_values"))
-        if call.collect_logits:
-            call.router_logits.append(logits)
-        plan, weights = call.route(logits)
+        batch, seq = hidden_states.shape[:2]
+        if call.mode == "oracle" and not call.collect_logits:  # the gate is not needed: skip it
+            plan, weights = call.oracle_plan(batch, seq, hidden_states.device), None
+        else:
+            mask = call.attention_mask[:, -seq:] if call.attention_mask is not None else None
+            logits = self.router(hidden_states, mask, kwargs.get("past_key_values"))
+            if call.collect_logits:
+                call.router_logits.append(logits)
+            plan, weights = call.route(logits)
         with call.running(plan, weights):
             return self.layer(hidden_states, *args, **kwargs)
 
@@ -181,9 +184,13 @@ class MoAForCausalLM(nn.Module):
         routing: 'oracle' (every token of row b uses culture_ids[b]), 'router' (top-1 of each layer's
         gate), 'topk' (renormalised top-k mix). None: with culture_ids, `config.train_routing`
         decides ('gold' -> oracle, 'router' -> router); without, 'router'.
+        `router_logits` holds one [B, S, K] tensor per layer whenever the gates run: always in
+        'router'/'topk', and in 'oracle' when labels are given or autograd is on.
         """
         ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         call = self._routing_call(routing, culture_ids, top_k, ref.shape[0])
+        # in 'oracle' mode the gates run only when a router loss can follow (labels given, or training)
+        call.collect_logits = call.mode != "oracle" or labels is not None or torch.is_grad_enabled()
         with routing_call(call):
             out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
         router_loss = self.router_loss(call.router_logits, call.culture_ids, labels, attention_mask)

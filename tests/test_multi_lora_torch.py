@@ -29,9 +29,10 @@ def layout(request, monkeypatch):
 @pytest.mark.parametrize("T,K,r,d_in,d_out,k", [(1, 1, 1, 5, 3, 1), (13, 3, 4, 67, 130, 1), (29, 10, 16, 33, 17, 2), (40, 3, 2, 8, 8, 3)])
 def test_matches_definition(layout, T, K, r, d_in, d_out, k):
     x, a, b, ids, w, base, scaling = make_inputs(T, K, r, d_in, d_out, k)
-    got = multi_lora(x, a, b, ids, weights=w, scaling=scaling, base_out=base, backend="torch")
     want = multi_lora_naive(x, a, b, ids, weights=w, scaling=scaling, base_out=base)
+    got = multi_lora(x, a, b, ids, weights=w, scaling=scaling, base_out=base, backend="torch")
     torch.testing.assert_close(got, want)
+    assert got is base  # accumulated in place
     got = multi_lora(x, a, b, ids[:, 0], scaling=0.5)
     torch.testing.assert_close(got, multi_lora_naive(x, a, b, ids[:, 0], scaling=0.5))
 
@@ -41,7 +42,7 @@ def test_gradcheck(layout):
     for t in (x, a, b, w, base):
         t.requires_grad_(True)
     plan = plan_adapters(ids, 3)
-    assert torch.autograd.gradcheck(lambda *t: multi_lora(t[0], t[1], t[2], plan, weights=t[3], scaling=scaling, base_out=t[4]),
+    assert torch.autograd.gradcheck(lambda *t: multi_lora(t[0], t[1], t[2], plan, weights=t[3], scaling=scaling, base_out=t[4] * 1),
                                     (x, a, b, w, base))
 
 

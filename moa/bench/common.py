@@ -1,0 +1,67 @@
+"""What every benchmark shares: timing statistics, the run's stamp (device, versions, git SHA), tables, JSON."""
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+
+def time_call(fn, warmup: int = 3, repeat: int = 20) -> dict:
+    """Wall-clock statistics of `fn()` in milliseconds (CUDA synchronised when on a GPU)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    q = torch.tensor(times).quantile(torch.tensor([0.2, 0.5, 0.8])).tolist()
+    return {"ms_p20": q[0], "ms_median": q[1], "ms_p80": q[2], "repeat": repeat}
+
+
+def git_sha() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def stamp() -> dict:
+    """Where and with what a benchmark ran."""
+    import transformers
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})"
+    versions = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+    for name in ("peft", "triton", "deepspeed"):
+        try:
+            versions[name] = __import__(name).__version__
+        except ImportError:
+            versions[name] = None
+    return {"device": device, "cpu_threads": torch.get_num_threads(), "versions": versions, "git_sha": git_sha(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
+    """Print rows as an aligned table. columns: (key, header, format spec)."""
+    cells = [[h for _, h, _ in columns]] + [[format(r[k], f) if r.get(k) is not None else "-" for k, _, f in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    text = "\n".join(lines)
+    print(text)
+    return text
+
+
+def write_json(path: str | Path, payload: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {path}")

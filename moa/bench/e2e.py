@@ -1,0 +1,127 @@
+"""End-to-end forward throughput on a Llama-style model built from a config.
+
+Providers: `base` (the model alone), `moa` (MoA, a mixed-culture batch, oracle routing),
+`peft_single` (PEFT, one adapter for every row) and `peft_mixed` (PEFT, `adapter_names=` over the
+same mixed batch). Phases: `decode` (one new token per row over a KV cache) and `prefill`.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+
+import moa
+from moa.bench.common import print_table, stamp, time_call, write_json
+
+HELP = "end-to-end tokens/s: base model, MoA mixed batch, PEFT single and mixed adapters"
+PROVIDERS = ("base", "moa", "peft_single", "peft_mixed")
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--hidden-size", type=int, default=1024)
+    parser.add_argument("--intermediate-size", type=int, default=2816)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--vocab", type=int, default=1000)
+    parser.add_argument("--cultures", type=int, default=10, help="number of culture adapters K")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--decode-batch", type=int, default=32)
+    parser.add_argument("--decode-context", type=int, default=64, help="tokens already in the KV cache")
+    parser.add_argument("--prefill-batch", type=int, default=8)
+    parser.add_argument("--prefill-length", type=int, default=128)
+    parser.add_argument("--repeat", type=int, default=20, help="timed calls per measurement (median reported)")
+    parser.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated subset of " + ",".join(PROVIDERS))
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default="bench-e2e.json", help="where to write the results")
+
+
+def build_models(args) -> dict:
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(args.seed)
+    config = LlamaConfig(hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
+                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
+                         num_key_value_heads=args.heads, vocab_size=args.vocab, max_position_embeddings=4096)
+    base = LlamaForCausalLM(config).to(args.device, dtype).eval()
+    names = [f"culture{i}" for i in range(args.cultures)]
+    wanted = set(args.providers.split(","))
+    unknown = wanted - set(PROVIDERS)
+    if unknown:
+        raise ValueError(f"unknown providers {sorted(unknown)}: expected a subset of {PROVIDERS}")
+    models = {}
+    if "base" in wanted:
+        models["base"] = base
+    if "moa" in wanted:
+        mixed = moa.MoAForCausalLM.from_base(copy.deepcopy(base), moa.MoAConfig(cultures=names, r=args.rank, alpha=2 * args.rank,
+                                                                              target_modules=TARGETS)).eval()
+        with torch.no_grad():
+            for layer in mixed.lora_layers.values():
+                layer.lora_B.normal_(std=0.01)
+        models["moa"] = mixed
+    lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS, init_lora_weights=False)
+    if "peft_single" in wanted:
+        models["peft_single"] = get_peft_model(copy.deepcopy(base), lora).eval()
+    if "peft_mixed" in wanted:
+        peft_mixed = get_peft_model(copy.deepcopy(base), lora, adapter_name=names[0])
+        for name in names[1:]:
+            peft_mixed.add_adapter(name, lora)
+        models["peft_mixed"] = peft_mixed.eval()
+    return models
+
+
+def forward_fn(name, model, input_ids, cultures, names, cache=None):
+    """A zero-argument closure running one forward of `model` the way provider `name` does."""
+    kwargs = {"input_ids": input_ids, "use_cache": cache is not None, "past_key_values": cache}
+    if name == "moa":
+        return lambda: model(culture_ids=cultures, routing="oracle", **kwargs)
+    if name == "peft_mixed":
+        adapter_names = [names[c] for c in cultures.tolist()]
+        return lambda: model(adapter_names=adapter_names, **kwargs)
+    return lambda: model(**kwargs)
+
+
+def run(args) -> int:
+    torch.manual_seed(args.seed)
+    models = build_models(args)
+    names = [f"culture{i}" for i in range(args.cultures)]
+    results = []
+    with torch.inference_mode():
+        # decode: one token per row after a KV cache of `decode_context` tokens; the new token is cropped off after each step
+        batch, context = args.decode_batch, args.decode_context
+        cultures = torch.randint(0, args.cultures, (batch,), device=args.device)
+        prompt = torch.randint(0, args.vocab, (batch, context), device=args.device)
+        step = torch.randint(0, args.vocab, (batch, 1), device=args.device)
+        for name, model in models.items():
+            cache = DynamicCache()
+            forward_fn(name, model, prompt, cultures, names, cache)()
+            one_step = forward_fn(name, model, step, cultures, names, cache)
+
+            def decode(one_step=one_step, cache=cache):
+                one_step()
+                cache.crop(-1)
+
+            stats = time_call(decode, repeat=args.repeat)
+            results.append({"phase": "decode", "provider": name, "tokens": batch, **stats,
+                            "tokens_per_s": batch / stats["ms_median"] * 1e3})
+        # prefill: a whole mixed batch of prompts, no cache
+        batch, length = args.prefill_batch, args.prefill_length
+        cultures = torch.randint(0, args.cultures, (batch,), device=args.device)
+        prompt = torch.randint(0, args.vocab, (batch, length), device=args.device)
+        for name, model in models.items():
+            stats = time_call(forward_fn(name, model, prompt, cultures, names), warmup=2, repeat=max(3, args.repeat // 4))
+            results.append({"phase": "prefill", "provider": name, "tokens": batch * length, **stats,
+                            "tokens_per_s": batch * length / stats["ms_median"] * 1e3})
+    for row in results:
+        base = next((r for r in results if r["phase"] == row["phase"] and r["provider"] == "base"), None)
+        row["vs_base"] = row["tokens_per_s"] / base["tokens_per_s"] if base else None
+    table = print_table(results, [("phase", "phase", "s"), ("provider", "provider", "s"), ("tokens", "tokens", "d"),
+                                  ("ms_median", "ms (median)", ".2f"), ("ms_p20", "p20", ".2f"), ("ms_p80", "p80", ".2f"),
+                                  ("tokens_per_s", "tokens/s", ".0f"), ("vs_base", "vs base", ".3f")])
+    write_json(args.json, {"bench": "e2e", **stamp(), "args": vars(args) | {"_run": None, "_bench_run": None},
+                           "results": results, "table": table})
+    return 0
