@@ -46,29 +46,48 @@ class AdapterPlan:
     def max_count(self) -> int:
         return max(self.counts, default=0)
 
+    @property
+    def pads_all_adapters(self) -> bool:
+        """Padded layout over all K adapters (no weight gather) when at least half of them are used."""
+        return 2 * len(self.adapters) >= self.num_adapters
+
+    @property
+    def padded_groups(self) -> int:
+        """Groups in the padded layout: K, or the used adapters only."""
+        return self.num_adapters if self.pads_all_adapters else len(self.adapters)
+
     @cached_property
     def adapters_tensor(self) -> torch.Tensor:
         return torch.tensor(self.adapters, dtype=torch.long, device=self.ids.device)
 
     @cached_property
-    def padded_index(self) -> torch.Tensor:
-        """[U, L] positions into the sorted arrays, L = max_count; padding points at position 0."""
+    def _group_counts_offsets(self) -> tuple[torch.Tensor, torch.Tensor]:
+        counts, offsets = self.counts, self.offsets
+        if self.pads_all_adapters:
+            full_counts, full_offsets = [0] * self.num_adapters, [0] * self.num_adapters
+            for a, c, o in zip(self.adapters, counts, offsets):
+                full_counts[a], full_offsets[a] = c, o
+            counts, offsets = full_counts, full_offsets
         dev = self.ids.device
-        counts = torch.tensor(self.counts, device=dev)
-        offsets = torch.tensor(self.offsets, device=dev)
-        col = torch.arange(self.max_count, device=dev)
+        return torch.tensor(counts, device=dev), torch.tensor(offsets, device=dev)
+
+    @cached_property
+    def padded_index(self) -> torch.Tensor:
+        """[G, L] positions into the sorted arrays, L = max_count; padding points at position 0."""
+        counts, offsets = self._group_counts_offsets
+        col = torch.arange(self.max_count, device=self.ids.device)
         pos = offsets[:, None] + col[None, :]
-        return torch.where(col[None, :] < counts[:, None], pos, torch.zeros_like(pos))
+        return torch.where(self.padded_valid, pos, torch.zeros_like(pos))
 
     @cached_property
     def padded_token(self) -> torch.Tensor:
-        """[U, L] token of each padded entry (padding repeats a real token; its weight is zeroed)."""
+        """[G, L] token of each padded entry (padding repeats a real token; its weight is zeroed)."""
         return self.sorted_token[self.padded_index]
 
     @cached_property
     def padded_valid(self) -> torch.Tensor:
-        """[U, L] bool: which padded entries are real assignments."""
-        counts = torch.tensor(self.counts, device=self.ids.device)
+        """[G, L] bool: which padded entries are real assignments."""
+        counts, _ = self._group_counts_offsets
         return torch.arange(self.max_count, device=self.ids.device)[None, :] < counts[:, None]
 
 

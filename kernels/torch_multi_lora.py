@@ -4,7 +4,8 @@ Assignments (token, adapter) are grouped by adapter by an `AdapterPlan`. Two lay
 plain differentiable torch ops (autograd gives grad x, A, B and weights):
 
 * padded: the groups are padded to the largest one and run as two `bmm`s, a constant number of
-  ops however many adapters the batch mixes (decode: few tokens per adapter);
+  ops however many adapters the batch mixes (decode: few tokens per adapter); the groups are all
+  K adapters when at least half are used (no copy of the weights), else the used ones;
 * segmented: one pair of matmuls per used adapter over its contiguous slice (prefill and
   training: many tokens per adapter, where padding would waste work).
 
@@ -22,7 +23,7 @@ OP_COST = 1 << 17  # multiply-adds one extra op costs on a CPU, roughly (a few m
 
 def use_padded(plan: AdapterPlan, rank: int, d_in: int, d_out: int) -> bool:
     """True when padding every group to the largest costs less than one op pair per adapter."""
-    wasted = (len(plan.adapters) * plan.max_count - plan.num_assignments) * rank * (d_in + d_out)
+    wasted = (plan.padded_groups * plan.max_count - plan.num_assignments) * rank * (d_in + d_out)
     return wasted <= 2 * len(plan.adapters) * OP_COST
 
 
@@ -35,12 +36,11 @@ def assignment_scale(plan: AdapterPlan, weights: torch.Tensor | None, scaling, d
 
 
 def _padded(x, lora_a, lora_b, plan: AdapterPlan, coef):
-    """[U*L] token index and [U*L, d_out] LoRA outputs, groups padded to the largest."""
-    all_used = len(plan.adapters) == lora_a.shape[0]
-    a = lora_a if all_used else lora_a.index_select(0, plan.adapters_tensor)
-    b = lora_b if all_used else lora_b.index_select(0, plan.adapters_tensor)
+    """[G*L] token index and [G*L, d_out] LoRA outputs, groups padded to the largest."""
+    a = lora_a if plan.pads_all_adapters else lora_a.index_select(0, plan.adapters_tensor)
+    b = lora_b if plan.pads_all_adapters else lora_b.index_select(0, plan.adapters_tensor)
     index = plan.padded_token.reshape(-1)
-    h = torch.bmm(x.index_select(0, index).view(*plan.padded_token.shape, -1), a.transpose(1, 2))  # [U, L, r]
+    h = torch.bmm(x.index_select(0, index).view(*plan.padded_token.shape, -1), a.transpose(1, 2))  # [G, L, r]
     if isinstance(coef, torch.Tensor):
         h = h * torch.where(plan.padded_valid, coef[plan.padded_index], torch.zeros_like(coef[:1]))[..., None]
     else:

@@ -80,3 +80,14 @@ def test_bad_input_names_the_value(bad, match):
     args.update(bad(args))
     with pytest.raises((ValueError, TypeError), match=match):
         multi_lora(**args)
+
+
+def test_few_of_many_adapters_used(layout):
+    """Padded groups over the used adapters only (weights gathered) when fewer than half are used."""
+    x, a, b, _, w, base, scaling = make_inputs(9, 10, 4, 12, 7, k=2)
+    ids = torch.tensor([2, 7, -1, 2, 7, 7, 2, -1, 7])[:, None].repeat(1, 2)
+    ids[:, 1] = torch.tensor([7, 2, 2, -1, 2, 7, -1, 7, 2])
+    plan = plan_adapters(ids, 10)
+    assert not plan.pads_all_adapters and plan.padded_groups == 2
+    want = multi_lora_naive(x, a, b, ids, weights=w, scaling=scaling, base_out=base)
+    torch.testing.assert_close(multi_lora(x, a, b, plan, weights=w, scaling=scaling, base_out=base.clone()), want)

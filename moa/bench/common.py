@@ -10,20 +10,30 @@ from pathlib import Path
 import torch
 
 
-def time_call(fn, warmup: int = 3, repeat: int = 20) -> dict:
-    """Wall-clock statistics of `fn()` in milliseconds (CUDA synchronised when on a GPU)."""
+def _stats(times_ms: list[float]) -> dict:
+    q = torch.tensor(times_ms).quantile(torch.tensor([0.2, 0.5, 0.8])).tolist()
+    return {"ms_p20": q[0], "ms_median": q[1], "ms_p80": q[2], "repeat": len(times_ms)}
+
+
+def time_interleaved(fns: dict, warmup: int = 3, repeat: int = 20) -> dict:
+    """Wall-clock statistics (ms) of each zero-argument callable in `fns`.
+
+    The callables are timed in turn, one call each per round, so drifts of the machine's speed
+    (other load, frequency changes) fall on all of them alike and their ratios stay meaningful.
+    """
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    for _ in range(warmup):
-        fn()
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
     sync()
-    times = []
+    times = {name: [] for name in fns}
     for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    q = torch.tensor(times).quantile(torch.tensor([0.2, 0.5, 0.8])).tolist()
-    return {"ms_p20": q[0], "ms_median": q[1], "ms_p80": q[2], "repeat": repeat}
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return {name: _stats(t) for name, t in times.items()}
 
 
 def git_sha() -> str | None:

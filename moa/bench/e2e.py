@@ -14,7 +14,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import moa
-from moa.bench.common import print_table, stamp, time_call, write_json
+from moa.bench.common import print_table, stamp, time_interleaved, write_json
 
 HELP = "end-to-end tokens/s: base model, MoA mixed batch, PEFT single and mixed adapters"
 PROVIDERS = ("base", "moa", "peft_single", "peft_mixed")
@@ -96,24 +96,21 @@ def run(args) -> int:
         cultures = torch.randint(0, args.cultures, (batch,), device=args.device)
         prompt = torch.randint(0, args.vocab, (batch, context), device=args.device)
         step = torch.randint(0, args.vocab, (batch, 1), device=args.device)
+        decode = {}
         for name, model in models.items():
             cache = DynamicCache()
             forward_fn(name, model, prompt, cultures, names, cache)()
             one_step = forward_fn(name, model, step, cultures, names, cache)
-
-            def decode(one_step=one_step, cache=cache):
-                one_step()
-                cache.crop(-1)
-
-            stats = time_call(decode, repeat=args.repeat)
+            decode[name] = lambda one_step=one_step, cache=cache: (one_step(), cache.crop(-1))
+        for name, stats in time_interleaved(decode, repeat=args.repeat).items():
             results.append({"phase": "decode", "provider": name, "tokens": batch, **stats,
                             "tokens_per_s": batch / stats["ms_median"] * 1e3})
         # prefill: a whole mixed batch of prompts, no cache
         batch, length = args.prefill_batch, args.prefill_length
         cultures = torch.randint(0, args.cultures, (batch,), device=args.device)
         prompt = torch.randint(0, args.vocab, (batch, length), device=args.device)
-        for name, model in models.items():
-            stats = time_call(forward_fn(name, model, prompt, cultures, names), warmup=2, repeat=max(3, args.repeat // 4))
+        prefill = {name: forward_fn(name, model, prompt, cultures, names) for name, model in models.items()}
+        for name, stats in time_interleaved(prefill, warmup=2, repeat=max(3, args.repeat // 4)).items():
             results.append({"phase": "prefill", "provider": name, "tokens": batch * length, **stats,
                             "tokens_per_s": batch * length / stats["ms_median"] * 1e3})
     for row in results:
