@@ -10,7 +10,8 @@ plain differentiable torch ops (autograd gives grad x, A, B and weights):
   training: many tokens per adapter, where padding would waste work).
 
 `use_padded` picks the one with less work, counting a launched op as `OP_COST` multiply-adds.
-The LoRA output is accumulated into `base_out` in place when it is given.
+The LoRA output is accumulated into `base_out` in place when it is given and autograd is not
+recording (inference); under autograd a new tensor is returned.
 """
 from __future__ import annotations
 
@@ -67,6 +68,8 @@ def multi_lora_torch(x, lora_a, lora_b, plan: AdapterPlan, weights=None, scaling
     coef = assignment_scale(plan, weights, scaling, lora_a.dtype)
     layout = _padded if use_padded(plan, lora_a.shape[1], lora_a.shape[2], lora_b.shape[1]) else _segmented
     index, y = layout(x.to(lora_a.dtype), lora_a, lora_b, plan, coef)
+    if torch.is_grad_enabled() and (out.requires_grad or y.requires_grad):
+        return out.index_add(0, index, y.to(out.dtype))  # autograd: base_out may be a view it must not see modified
     return out.index_add_(0, index, y.to(out.dtype))
 
 

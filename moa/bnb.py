@@ -39,7 +39,8 @@ class MoALinear8bit(MoALinear):
     def base_weight(self) -> torch.Tensor:
         bnb = _bnb()
         w = self.base_layer.weight
-        return bnb.functional.int8_vectorwise_dequant(w.data, w.SCB).to(torch.float32)
+        scales = w.SCB if w.SCB is not None else self.base_layer.state.SCB  # moved to the state after a forward
+        return bnb.functional.int8_vectorwise_dequant(w.data, scales).to(torch.float32)
 
 
 def dispatch_bnb_4bit(target, **kwargs):

@@ -32,7 +32,7 @@ def test_matches_definition(layout, T, K, r, d_in, d_out, k):
     want = multi_lora_naive(x, a, b, ids, weights=w, scaling=scaling, base_out=base)
     got = multi_lora(x, a, b, ids, weights=w, scaling=scaling, base_out=base, backend="torch")
     torch.testing.assert_close(got, want)
-    assert got is base  # accumulated in place
+    assert got is base  # accumulated in place (no autograd recording)
     got = multi_lora(x, a, b, ids[:, 0], scaling=0.5)
     torch.testing.assert_close(got, multi_lora_naive(x, a, b, ids[:, 0], scaling=0.5))
 
