@@ -14,7 +14,7 @@ from transformers.utils import ModelOutput
 from moa.atomic import atomic_directory
 from moa.config import ROUTING_MODES, MoAConfig
 from moa.layers import MoALinear, wrap_linear
-from moa.routing import RoutingCall, TokenRouter, current_call, routing_call
+from moa.routing import RoutingCall, TokenRouter, current_call, replay_routing_context, routing_call
 
 CONFIG_NAME = "moa_config.json"
 WEIGHTS_NAME = "moa_adapters.safetensors"
@@ -233,6 +233,16 @@ class MoAForCausalLM(nn.Module):
         call = self._routing_call(routing, culture_ids, top_k, input_ids.shape[0], collect_logits=False)
         with routing_call(call):
             return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def gradient_checkpointing_enable(self):
+        """Activation checkpointing of the decoder layers (non-reentrant); the recompute during
+        backward replays each layer's routing. Enable it here, not on the base model directly."""
+        kwargs = {"use_reentrant": False, "context_fn": replay_routing_context}
+        enable = getattr(self.base_model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs=kwargs)
+        else:  # transformers < 5
+            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
     # ------------------------------------------------------------------ weights
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:

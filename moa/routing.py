@@ -84,6 +84,28 @@ def routing_call(call: RoutingCall):
         _CURRENT.reset(token)
 
 
+def replay_routing_context():
+    """`context_fn` for torch.utils.checkpoint: the recompute in backward runs under the routing
+    (call and active plan) of the original forward, so checkpointed layers get the same adapters."""
+    call = _CURRENT.get()
+    active = call.active if call is not None else None
+    return contextlib.nullcontext(), _replay(call, active)
+
+
+@contextlib.contextmanager
+def _replay(call: RoutingCall | None, active):
+    token = _CURRENT.set(call)
+    previous = call.active if call is not None else None
+    if call is not None:
+        call.active = active
+    try:
+        yield
+    finally:
+        if call is not None:
+            call.active = previous
+        _CURRENT.reset(token)
+
+
 class TokenRouter(nn.Module):
     """Per-layer gate: culture logits for every token.
 

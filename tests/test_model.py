@@ -142,6 +142,24 @@ def test_router_logits_and_losses(base):
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and "lora_A" not in n)
 
 
+@pytest.mark.parametrize("routing", ["oracle", "topk"])
+def test_gradient_checkpointing_same_gradients(base, routing):
+    grads = []
+    for checkpointing in (False, True):
+        model = moa_model(base)
+        randomize_adapters(model, seed=5)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        ids = tokens()
+        out = model(input_ids=ids, labels=ids, culture_ids=[0, 1, 2, 0, 1, 2], routing=routing)
+        out.loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
+
+
 def test_threads_do_not_share_routing(base):
     model_a, model_b = moa_model(base), moa_model(base)
     randomize_adapters(model_a, seed=1)
