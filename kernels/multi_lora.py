@@ -31,6 +31,15 @@ def _check(x, lora_a, lora_b, plan: AdapterPlan, weights, scaling, base_out):
         raise ValueError(f"base_out shape {tuple(base_out.shape)} must be [{x.shape[0]}, {lora_b.shape[1]}]")
 
 
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """"auto" -> "triton" for CUDA tensors, "torch" otherwise; "torch"/"triton" as given."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: expected one of {BACKENDS}")
+    if backend == "auto":
+        return "triton" if x.is_cuda else "torch"
+    return backend
+
+
 def multi_lora(x, lora_a, lora_b, adapter_ids, weights=None, scaling=1.0, base_out=None, backend="auto"):
     """y[t] = base_out[t] + sum_j w[t, j] * s[a] * (x[t] A[a]^T) B[a]^T with a = adapter_ids[t, j].
 
@@ -38,11 +47,45 @@ def multi_lora(x, lora_a, lora_b, adapter_ids, weights=None, scaling=1.0, base_o
     (-1 = no adapter), or an `AdapterPlan` built once and shared by many projections;
     weights: float [T, k] or None (all 1); scaling: float or tensor [K]; base_out: [T, d_out] or None.
     Differentiable w.r.t. x, lora_a, lora_b and weights.
+
+    backend: "torch" (pure torch), "triton" (fused kernels; CUDA tensors, or CPU tensors under
+    TRITON_INTERPRET=1) or "auto" (triton for CUDA tensors, torch otherwise). The result may be
+    accumulated into `base_out` in place (torch backend: always; triton backend: when autograd does
+    not track the call, i.e. inference), so `base_out` must not be reused after the call.
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}: expected one of {BACKENDS}")
+    backend = resolve_backend(backend, x)
     plan = adapter_ids if isinstance(adapter_ids, AdapterPlan) else plan_adapters(adapter_ids, lora_a.shape[0])
     _check(x, lora_a, lora_b, plan, weights, scaling, base_out)
     if backend == "triton":
-        raise RuntimeError("backend='triton' is not available in this build: use backend='torch' or 'auto'")
+        from .triton_multi_lora import multi_lora_triton  # imports triton only when this backend is used
+
+        return multi_lora_triton(x, lora_a, lora_b, plan, weights, scaling, base_out)
     return multi_lora_torch(x, lora_a, lora_b, plan, weights, scaling, base_out)
+
+
+def multi_lora_sliced(x, lora_a, lora_b, adapter_ids, weights=None, scaling=1.0, base_outs=None, backend="auto"):
+    """`multi_lora` for several projections that share the input x (q/k/v, gate/up), one list entry each.
+
+    lora_a: list of [K, r, d_in] (one shape for all); lora_b: list of [K, d_out_s, r]; base_outs: None
+    or a list (entries may be None). The routing (ids, weights, scaling) is shared by every slice.
+    Returns a list of [T, d_out_s] outputs. On the triton backend the shrink of all slices is one
+    launch reading x once, and so is grad x in the backward.
+    """
+    if not isinstance(lora_a, (list, tuple)) or not isinstance(lora_b, (list, tuple)):
+        raise TypeError(f"lora_a and lora_b must be lists of tensors, got {type(lora_a).__name__} and {type(lora_b).__name__}")
+    if len(lora_a) != len(lora_b) or not lora_a:
+        raise ValueError(f"lora_a and lora_b must be non-empty lists of one length, got {len(lora_a)} and {len(lora_b)}")
+    bases = list(base_outs) if base_outs is not None else [None] * len(lora_a)
+    if len(bases) != len(lora_a):
+        raise ValueError(f"base_outs has {len(bases)} entries for {len(lora_a)} slices")
+    backend = resolve_backend(backend, x)
+    plan = adapter_ids if isinstance(adapter_ids, AdapterPlan) else plan_adapters(adapter_ids, lora_a[0].shape[0])
+    for i, (a, b, base) in enumerate(zip(lora_a, lora_b, bases)):
+        if a.shape != lora_a[0].shape:
+            raise ValueError(f"lora_a[{i}] has shape {tuple(a.shape)} but lora_a[0] has {tuple(lora_a[0].shape)}: slices share K, r, d_in")
+        _check(x, a, b, plan, weights, scaling, base)
+    if backend == "triton":
+        from .triton_multi_lora import multi_lora_triton_sliced
+
+        return multi_lora_triton_sliced(x, list(lora_a), list(lora_b), plan, weights, scaling, bases)
+    return [multi_lora_torch(x, a, b, plan, weights, scaling, base) for a, b, base in zip(lora_a, lora_b, bases)]
