@@ -7,10 +7,11 @@ were emitted: `mma.sync` / `wgmma.mma_async` in the PTX, HMMA / HGMMA in the SAS
 """
 from __future__ import annotations
 
-import importlib.util
+import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -96,21 +97,14 @@ def default_specs(dtype: torch.dtype = torch.float16, rank: int = 16, hidden: in
     return specs
 
 
-def load_jit_kernels():
-    """The kernel module compiled as JITFunctions, whatever TRITON_INTERPRET says for this process."""
-    path = Path(__file__).with_name("triton_kernels.py")
-    spec = importlib.util.spec_from_file_location("moa.kernels._triton_kernels_aot", path)
-    module = importlib.util.module_from_spec(spec)
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "0"
-    try:
-        spec.loader.exec_module(module)
-    finally:
-        if saved is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
-    return module
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off")
+
+
+def _kernel_module():
+    from . import triton_kernels
+
+    return triton_kernels
 
 
 def _tool(name: str) -> str:
@@ -164,8 +158,7 @@ def compile_spec(spec: KernelSpec, target: str, module=None) -> dict:
 
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}: expected one of {sorted(TARGETS)}")
-    module = module or load_jit_kernels()
-    fn = getattr(module, spec.kernel)
+    fn = getattr(module or _kernel_module(), spec.kernel)
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name not in spec.args:
@@ -194,13 +187,26 @@ def compile_spec(spec: KernelSpec, target: str, module=None) -> dict:
 
 def compile_report(targets=("sm_80", "sm_90"), dtypes=(torch.float16,), ranks=(16,), hidden: int = 4096,
                    progress=None) -> list[dict]:
-    """Every kernel at its default config, for every target, dtype and rank."""
-    module = load_jit_kernels()
+    """Every kernel at its default config, for every target, dtype and rank.
+
+    Compiling needs Triton's compiler, which a process running the interpreter (TRITON_INTERPRET=1,
+    set before triton was imported) does not have: there the report runs in a child process.
+    """
+    if _interpreting():
+        return _compile_report_subprocess(targets, dtypes, ranks, hidden)
     jobs = [(spec, t) for dtype in dtypes for rank in ranks for spec in default_specs(dtype, rank, hidden) for t in targets]
-    rows = []
-    for spec, target in (progress(jobs) if progress else jobs):
-        rows.append(compile_spec(spec, target, module))
-    return rows
+    return [compile_spec(spec, target) for spec, target in (progress(jobs) if progress else jobs)]
+
+
+def _compile_report_subprocess(targets, dtypes, ranks, hidden) -> list[dict]:
+    request = {"targets": list(targets), "dtypes": [str(d).removeprefix("torch.") for d in dtypes],
+               "ranks": list(ranks), "hidden": hidden}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([sys.executable, "-m", "moa.kernels.triton_compile", json.dumps(request)],
+                         capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        raise RuntimeError(f"compile report subprocess failed:\n{res.stderr[-4000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
 
 
 def format_report(rows: list[dict]) -> str:
@@ -211,3 +217,9 @@ def format_report(rows: list[dict]) -> str:
         lines.append(f"{r['kernel']:<20} {r['target']:<6} {r['dtype']:<5} {r['rank']:>3} {r['registers']:>4} "
                      f"{str(r['spill_stores']) + '/' + str(r['spill_loads']):>11} {r['shared_bytes']:>6} {mma:>16}")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    req = json.loads(sys.argv[1])
+    report = compile_report(req["targets"], [getattr(torch, d) for d in req["dtypes"]], req["ranks"], req["hidden"])
+    print(json.dumps(report))
