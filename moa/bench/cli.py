@@ -7,6 +7,7 @@ import importlib
 HELP = "run a benchmark (table + JSON)"
 BENCHES = {
     "e2e": "moa.bench.e2e",
+    "kernels": "moa.bench.kernels",
 }
 
 
