@@ -49,9 +49,9 @@ def multi_lora(x, lora_a, lora_b, adapter_ids, weights=None, scaling=1.0, base_o
     Differentiable w.r.t. x, lora_a, lora_b and weights.
 
     backend: "torch" (pure torch), "triton" (fused kernels; CUDA tensors, or CPU tensors under
-    TRITON_INTERPRET=1) or "auto" (triton for CUDA tensors, torch otherwise). The result may be
-    accumulated into `base_out` in place (torch backend: always; triton backend: when autograd does
-    not track the call, i.e. inference), so `base_out` must not be reused after the call.
+    TRITON_INTERPRET=1) or "auto" (triton for CUDA tensors, torch otherwise). On both backends, when
+    autograd does not track the call (inference) the result is accumulated into `base_out` in place
+    and `base_out` is returned; under autograd the result is a new tensor.
     """
     backend = resolve_backend(backend, x)
     plan = adapter_ids if isinstance(adapter_ids, AdapterPlan) else plan_adapters(adapter_ids, lora_a.shape[0])
