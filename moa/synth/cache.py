@@ -1,0 +1,42 @@
+"""A persistent cache of LLM calls (SQLite): key = hash of the backend identity and the request."""
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from pathlib import Path
+
+
+def cache_key(identity: dict, request_key: dict) -> str:
+    blob = json.dumps({"backend": identity, "request": request_key}, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+class CallCache:
+    """get/put reply text by key; every put is committed, so an interrupted run keeps its calls."""
+
+    def __init__(self, path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(path))
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS calls (key TEXT PRIMARY KEY, reply TEXT NOT NULL)")
+        self.hits = self.misses = 0
+
+    def get(self, key: str) -> str | None:
+        row = self.db.execute("SELECT reply FROM calls WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        return row[0]
+
+    def put(self, key: str, reply: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO calls (key, reply) VALUES (?, ?)", (key, reply))
+        self.db.commit()
+
+    def __len__(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM calls").fetchone()[0]
+
+    def close(self) -> None:
+        self.db.close()

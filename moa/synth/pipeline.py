@@ -1,0 +1,289 @@
+"""The synthesis pipeline: jobs per (culture, task), resumable, written as schema-valid JSONL.
+
+For every culture there is one stage-1 job (broad cultural knowledge, task "open") and one
+stage-2 job per task. A job walks its queries, retrieves passages, asks the LLM backend for
+samples in the task's format (calls are cached), validates them and stops at its target. A
+finished job is saved under OUTPUT/work/parts/, so a rerun skips it; an interrupted job reruns
+from the cache. Then rows are balanced across cultures, split (the test split holds out whole
+norms) and written:
+
+    OUTPUT/stage1_train.jsonl  stage1_validation.jsonl
+    OUTPUT/stage2_train.jsonl  stage2_validation.jsonl  stage2_test.jsonl
+    OUTPUT/summary.json  (OUTPUT/summary.png)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from moa.data import norms
+from moa.data.schema import CULTURES, TASKS, write_jsonl
+from moa.synth.backends import Backend, BackendError, make_backend
+from moa.synth.cache import CallCache, cache_key
+from moa.synth.config import SynthConfig
+from moa.synth.prompting import ReplyError, SynthRequest, build_messages, parse_reply
+from moa.synth.queries import make_queries
+from moa.synth.retrieval import Retriever, make_retriever
+from moa.synth.tasks import load_task, load_tasks
+from moa.synth.validate import Validator
+
+OUTPUT_FILES = {(1, "train"): "stage1_train.jsonl", (1, "validation"): "stage1_validation.jsonl",
+                (2, "train"): "stage2_train.jsonl", (2, "validation"): "stage2_validation.jsonl",
+                (2, "test"): "stage2_test.jsonl"}
+
+
+@dataclass(frozen=True)
+class Job:
+    stage: int
+    culture: str
+    task: str
+    target: int
+
+    @property
+    def name(self) -> str:
+        return f"stage{self.stage}-{self.culture}-{self.task}"
+
+
+def _unit(*parts) -> float:
+    """A stable pseudo-random number in [0, 1) for the given parts."""
+    digest = hashlib.sha256(json.dumps(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2 ** 64
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=1)
+    os.replace(tmp, path)
+
+
+class Caller:
+    """Sends requests to the backend through the cache and stops the run after too many failures in a row."""
+
+    def __init__(self, backend: Backend, cache: CallCache | None, max_consecutive_errors: int):
+        self.backend, self.cache = backend, cache
+        self.max_errors, self.errors_in_a_row = max_consecutive_errors, 0
+        self.calls = 0
+
+    def __call__(self, request: SynthRequest) -> str:
+        key = cache_key(self.backend.identity(), request.key())
+        if self.cache is not None:
+            reply = self.cache.get(key)
+            if reply is not None:
+                return reply
+        self.calls += 1
+        try:
+            reply = self.backend.generate(request)
+        except BackendError as e:
+            self.errors_in_a_row += 1
+            if self.errors_in_a_row >= self.max_errors:
+                raise RuntimeError(f"stopping after {self.errors_in_a_row} failed LLM calls in a row "
+                                   f"(finished jobs are kept; rerun to resume). Last error: {e}") from None
+            raise
+        self.errors_in_a_row = 0
+        if self.cache is not None:
+            self.cache.put(key, reply)
+        return reply
+
+
+def run_job(job: Job, spec, cfg: SynthConfig, retriever: Retriever, caller: Caller) -> dict:
+    """Generate up to job.target valid rows; returns rows, reject counts and call statistics."""
+    culture = norms.cultures()[job.culture]
+    validator = Validator(spec, job.culture)
+    queries = make_queries(culture, spec if job.stage == 2 else None, cfg.broad_queries)
+    rows, rejects, surplus = [], Counter(), 0
+    for round_ in range(cfg.max_rounds):
+        for query in queries:
+            if len(rows) >= job.target:
+                break
+            passages = retriever.search(query.text, job.culture, cfg.retrieval["top_k"])
+            if not passages:
+                rejects["no_passages"] += 1
+                continue
+            request = SynthRequest(job.culture, job.task, job.stage, cfg.samples_per_call, query.text, passages,
+                                   round=round_, seed=cfg.seed)
+            request.messages = build_messages(spec, culture, passages, cfg.samples_per_call, job.stage)
+            try:
+                samples = parse_reply(caller(request))
+            except BackendError:
+                rejects["backend_error"] += 1
+                continue
+            except ReplyError:
+                rejects["malformed_reply"] += 1
+                continue
+            for sample in samples:
+                fields, reason = validator.check(sample)
+                if reason:
+                    rejects[reason] += 1
+                elif len(rows) >= job.target:
+                    surplus += 1
+                else:
+                    rows.append(_row(job, fields, query, passages, caller.backend.source))
+        if len(rows) >= job.target:
+            break
+    return {"rows": rows, "rejects": dict(rejects), "surplus": surplus}
+
+
+def _row(job: Job, fields: dict, query, passages: list, source: str) -> dict:
+    digest = hashlib.sha1(f"{job.stage}|{fields['prompt']}".encode()).hexdigest()[:12]
+    row = {"id": f"{job.culture}-{job.task}-{digest}", "culture": job.culture, "task": job.task,
+           "prompt": fields["prompt"], "response": fields["response"]}
+    if "label" in fields:
+        row["label"] = fields["label"]
+    row["stage"] = job.stage
+    if isinstance(fields.get("norm"), str) and fields["norm"]:
+        row["norm"] = fields["norm"]
+    if isinstance(fields.get("cue"), bool):
+        row["cue"] = fields["cue"]
+    evidence = fields.get("evidence")
+    doc_ids = evidence if isinstance(evidence, list) and evidence else [p["id"] for p in passages]
+    row["source"] = source
+    row["provenance"] = {"query": query.text, "query_kind": query.kind, "doc_ids": doc_ids}
+    return row
+
+
+def split_key(row: dict) -> str:
+    """What the test split holds out: the row's norm, or else the first document it is grounded in."""
+    return row.get("norm") or "doc:" + row["provenance"]["doc_ids"][0]
+
+
+def choose_test_keys(keys: set, fraction: float, seed: int) -> set:
+    """A `fraction` of the keys, chosen separately among norm questions, taboos and documents."""
+    question_ids = {q.id for q in norms.questions()}
+    taboo_ids = {t.id for t in norms.taboos()}
+    groups = {"question": [], "taboo": [], "doc": []}
+    for key in keys:
+        groups["question" if key in question_ids else "taboo" if key in taboo_ids else "doc"].append(key)
+    test = set()
+    for members in groups.values():
+        members.sort(key=lambda k: _unit(seed, "test", k))
+        test.update(members[:round(fraction * len(members))])
+    return test
+
+
+def assign_splits(rows: list, cfg: SynthConfig) -> tuple[list, set, int]:
+    """Set each row's split; stage-1 rows about held-out norms are dropped. Returns (rows, test keys, dropped)."""
+    test_keys = choose_test_keys({split_key(r) for r in rows if r["stage"] == 2}, cfg.test_fraction, cfg.seed)
+    kept, dropped = [], 0
+    for row in rows:
+        if split_key(row) in test_keys:
+            if row["stage"] == 1:
+                dropped += 1
+                continue
+            row["split"] = "test"
+        else:
+            row["split"] = "validation" if _unit(cfg.seed, "validation", row["id"]) < cfg.validation_fraction else "train"
+        kept.append(row)
+    return kept, test_keys, dropped
+
+
+def balance(results: dict, jobs: list) -> dict:
+    """Cut every culture's rows of a task to the smallest culture's count; returns job name -> rows cut."""
+    cut = {}
+    for stage, task in {(j.stage, j.task) for j in jobs}:
+        group = [j for j in jobs if (j.stage, j.task) == (stage, task)]
+        smallest = min(len(results[j.name]["rows"]) for j in group)
+        for j in group:
+            cut[j.name] = len(results[j.name]["rows"]) - smallest
+            results[j.name]["rows"] = results[j.name]["rows"][:smallest]
+    return cut
+
+
+def _prepare_output(cfg: SynthConfig, fresh: bool) -> Path:
+    work = cfg.output_dir / "work"
+    if fresh:
+        shutil.rmtree(work, ignore_errors=True)
+        for name in list(OUTPUT_FILES.values()) + ["summary.json", "summary.png"]:
+            (cfg.output_dir / name).unlink(missing_ok=True)
+    state = work / "state.json"
+    fingerprint = json.loads(json.dumps(cfg.fingerprint(), default=str))
+    if state.exists():
+        if json.loads(state.read_text(encoding="utf-8")) != fingerprint:
+            raise ValueError(f"{cfg.output_dir} holds a run made with a different config; pass --fresh to "
+                             f"start over or choose another --output-dir")
+    else:
+        _write_json(state, fingerprint)
+    return work
+
+
+def run(cfg: SynthConfig, fresh: bool = False, progress: bool = True, backend: Backend | None = None,
+        retriever: Retriever | None = None) -> dict:
+    """Run (or resume) a synthesis; returns the summary that is also written to summary.json."""
+    start = time.perf_counter()
+    work = _prepare_output(cfg, fresh)
+    specs = load_tasks(cfg.task_dir, cfg.tasks)
+    stage1_spec = specs["open"] if "open" in specs else load_task(cfg.task_dir / "open.yaml")
+    retriever = retriever or make_retriever(cfg.retrieval)
+    backend = backend or make_backend(cfg.llm, seed=cfg.seed)
+    cache = CallCache(work / "cache.sqlite") if cfg.cache else None
+    caller = Caller(backend, cache, cfg.max_consecutive_errors)
+    cultures = [c for c in CULTURES if c in cfg.cultures]
+    tasks = [t for t in TASKS if t in cfg.tasks]
+    jobs = [Job(1, c, "open", cfg.stage1_samples) for c in cultures if cfg.stage1_samples > 0]
+    jobs += [Job(2, c, t, cfg.samples_per_task) for c in cultures for t in tasks]
+    results, resumed = {}, 0
+    try:
+        bar = tqdm(jobs, desc="synth", unit="job", disable=not progress)
+        for job in bar:
+            bar.set_postfix_str(job.name)
+            part = work / "parts" / f"{job.name}.json"
+            if part.exists():
+                results[job.name] = json.loads(part.read_text(encoding="utf-8"))
+                resumed += 1
+                continue
+            spec = stage1_spec if job.stage == 1 else specs[job.task]
+            results[job.name] = run_job(job, spec, cfg, retriever, caller)
+            _write_json(part, results[job.name])
+    finally:
+        if cache is not None:
+            cache.close()
+    short = {j.name: len(results[j.name]["rows"]) for j in jobs if len(results[j.name]["rows"]) < j.target}
+    cut = balance(results, jobs) if cfg.balance else {}
+    rows = [row for job in jobs for row in results[job.name]["rows"]]
+    rows, test_keys, held_out = assign_splits(rows, cfg)
+    order = {c: i for i, c in enumerate(CULTURES)}
+    rows.sort(key=lambda r: (r["stage"], order[r["culture"]], TASKS.index(r["task"]), r["id"]))
+    files = {}
+    for (stage, split), name in OUTPUT_FILES.items():
+        part_rows = [r for r in rows if r["stage"] == stage and r["split"] == split]
+        if stage == 1 and not cfg.stage1_samples:
+            continue
+        write_jsonl(cfg.output_dir / name, part_rows)
+        files[name] = len(part_rows)
+    summary = _summary(cfg, jobs, results, rows, files, short, cut, test_keys, held_out, caller, resumed)
+    summary["seconds"] = round(time.perf_counter() - start, 2)
+    _write_json(cfg.output_dir / "summary.json", summary)
+    return summary
+
+
+def _summary(cfg, jobs, results, rows, files, short, cut, test_keys, held_out, caller, resumed) -> dict:
+    counts = {c: {} for c in dict.fromkeys(j.culture for j in jobs)}
+    for row in rows:
+        column = "stage1" if row["stage"] == 1 else row["task"]
+        counts[row["culture"]][column] = counts[row["culture"]].get(column, 0) + 1
+    rejects = {c: {} for c in counts}
+    totals = Counter()
+    for job in jobs:
+        column = "stage1" if job.stage == 1 else job.task
+        job_rejects = Counter(results[job.name]["rejects"])
+        if cut.get(job.name):
+            job_rejects["balance"] += cut[job.name]
+        rejects[job.culture][column] = dict(job_rejects)
+        totals.update(job_rejects)
+    if held_out:
+        totals["held_out_stage1"] += held_out
+    splits = Counter(f"stage{r['stage']}_{r['split']}" for r in rows)
+    return {"output_dir": str(cfg.output_dir), "backend": cfg.llm["backend"], "retrieval": cfg.retrieval["backend"],
+            "files": files, "counts": counts, "splits": dict(splits), "rejects": rejects,
+            "rejects_total": dict(totals), "short_jobs": short, "test_norms": sorted(test_keys),
+            "llm_calls": caller.calls, "jobs_resumed": resumed, "jobs": len(jobs)}
