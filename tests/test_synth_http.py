@@ -54,7 +54,7 @@ class Server:
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.httpd.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
 
     def close(self):
         self.httpd.shutdown()
@@ -210,3 +210,13 @@ def test_pipeline_with_the_openai_backend_and_cache(serve, tmp_path, monkeypatch
     # a fresh output dir with the same cache file would re-ask; the same dir resumes without any call
     pipeline.run(cfg, progress=False)
     assert len(server.seen) == calls
+
+
+def test_run_stops_after_consecutive_backend_failures(serve, tmp_path):
+    server = serve([{"status": 500, "payload": {"error": "down"}}])
+    cfg = load_config(None, output_dir=str(tmp_path), cultures=["japan"], tasks=["mcq"], stage1_samples=0,
+                      max_consecutive_errors=3,
+                      llm={"backend": "openai", "model": "m", "base_url": server.url + "/v1", "max_retries": 0})
+    with pytest.raises(RuntimeError, match="stopping after 3 failed LLM calls in a row.*HTTP 500"):
+        pipeline.run(cfg, progress=False)
+    assert len(server.seen) == 3 and not list(tmp_path.glob("*.jsonl"))

@@ -216,14 +216,15 @@ def test_reply_parsing_and_quoted_passages():
 
 def test_transformers_backend_with_a_tiny_model(tmp_path):
     from moa.tiny import byte_tokenizer, tiny_model
-    backend = TransformersBackend(model=tiny_model(), tokenizer=byte_tokenizer(), max_new_tokens=6, temperature=0)
+    backend = TransformersBackend(model=tiny_model(), tokenizer=byte_tokenizer(), max_new_tokens=4, temperature=0)
     spec = load_task(ROOT / "configs" / "tasks" / "yesno.yaml")
     request = SynthRequest("japan", "yesno", 2, 2, "q", norms.corpus()[:1])
     request.messages = build_messages(spec, norms.cultures()["japan"], norms.corpus()[:1], 2, 2)
     text = backend.generate(request)
     assert isinstance(text, str)
     cfg = load_config(OFFLINE, output_dir=str(tmp_path), cultures=["japan"], tasks=["yesno"], samples_per_task=5,
-                      stage1_samples=0, max_rounds=1, broad_queries=[])
+                      stage1_samples=0, max_rounds=1, broad_queries=[],
+                      retrieval={"backend": "bm25", "corpus": "bundled", "top_k": 1})
     summary = pipeline.run(cfg, progress=False, backend=backend)
     # a random tiny model writes no valid JSON: every call is counted as a malformed reply
     assert summary["rejects"]["japan"]["yesno"]["malformed_reply"] == 20
@@ -240,3 +241,11 @@ def test_default_offline_config_via_cli(tmp_path, capsys):
     assert all(counts[(c, t)] >= 200 for c in CULTURES for t in TASKS)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["files"]["stage1_train.jsonl"] > 0 and (out / "summary.png").stat().st_size > 0
+
+
+def test_every_bundled_synth_config_loads():
+    configs = sorted((ROOT / "configs" / "synth").glob("*.yaml"))
+    assert {p.stem for p in configs} >= {"offline", "openai", "local_server", "transformers", "web_search"}
+    for path in configs:
+        cfg = load_config(path)
+        assert cfg.task_dir == ROOT / "configs" / "tasks"

@@ -45,9 +45,11 @@ def plot_counts(summary: dict, path) -> Path:
     image = ax.imshow(grid, cmap="Blues", aspect="auto")
     ax.set_xticks(range(len(columns)), columns)
     ax.set_yticks(range(len(cultures)), cultures)
+    top = max(max(row) for row in grid) or 1
     for i, row in enumerate(grid):
         for j, value in enumerate(row):
-            ax.text(j, i, str(value), ha="center", va="center", fontsize=8)
+            ax.text(j, i, str(value), ha="center", va="center", fontsize=8,
+                    color="white" if value > top / 2 else "black")
     ax.set_title("valid synthesized samples per culture and task")
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
