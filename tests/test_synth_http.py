@@ -9,7 +9,7 @@ import pytest
 from moa.synth import pipeline
 from moa.synth.backends import BackendError, OpenAIBackend
 from moa.synth.config import load_config
-from moa.synth.httpjson import HttpClient, HttpError
+from moa.synth.httpjson import HttpClient
 from moa.synth.prompting import SynthRequest
 from moa.synth.retrieval import SearxngRetriever
 
