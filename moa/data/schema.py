@@ -10,6 +10,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 # The ten bundled national cultures (keys of bundled/cultures.yaml, in this order).
 CULTURES = ["china", "india", "japan", "south_korea", "germany", "brazil", "nigeria", "egypt", "mexico",
@@ -85,36 +86,44 @@ def row_problems(row, known_cultures=CULTURES, known_tasks=TASKS) -> list[str]:
     return problems
 
 
+def json_lines(path, problems: list) -> "Iterator[tuple[int, object]]":
+    """Yield (line number, parsed value) for every non-blank line of a JSONL file.
+
+    Lines that are not valid JSON are recorded in `problems` as (file, line, message) and skipped;
+    a missing file raises DataError.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError([(str(path), 0, "no such file")])
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line)
+            except json.JSONDecodeError as e:
+                problems.append((str(path), number, f"not valid JSON ({e.msg} at column {e.colno})"))
+
+
 def load_jsonl(path, cultures=None, tasks=None) -> list[dict]:
     """Read and validate a JSONL file of rows; keep those of `cultures` and `tasks` (None = all).
 
     Every row must name a known culture (a bundled one or one listed in `cultures`) and a known
     task. Raises DataError listing every bad line with its file and line number.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise DataError([(str(path), 0, "no such file")])
     known_cultures = list(CULTURES) + [c for c in (cultures or []) if c not in CULTURES]
     known_tasks = list(TASKS) + [t for t in (tasks or []) if t not in TASKS]
     rows, problems = [], []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems.append((str(path), number, f"not valid JSON ({e.msg} at column {e.colno})"))
-                continue
-            bad = row_problems(row, known_cultures, known_tasks)
-            problems.extend((str(path), number, message) for message in bad)
-            if bad:
-                continue
-            if cultures is not None and row["culture"] not in cultures:
-                continue
-            if tasks is not None and row["task"] not in tasks:
-                continue
-            rows.append(row)
+    for number, row in json_lines(path, problems):
+        bad = row_problems(row, known_cultures, known_tasks)
+        problems.extend((str(path), number, message) for message in bad)
+        if bad:
+            continue
+        if cultures is not None and row["culture"] not in cultures:
+            continue
+        if tasks is not None and row["task"] not in tasks:
+            continue
+        rows.append(row)
     if problems:
         raise DataError(problems)
     return rows

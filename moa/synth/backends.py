@@ -7,6 +7,7 @@ named in the config and appear in no message, cache key or output.
 from __future__ import annotations
 
 import os
+from abc import ABC, abstractmethod
 
 from moa.synth.httpjson import HttpClient, HttpError
 from moa.synth.prompting import SynthRequest
@@ -16,11 +17,12 @@ class BackendError(RuntimeError):
     """An LLM call that failed (network, HTTP status or a malformed API reply)."""
 
 
-class Backend:
+class Backend(ABC):
     name = "backend"
 
+    @abstractmethod
     def generate(self, request: SynthRequest) -> str:
-        raise NotImplementedError
+        """The LLM's reply text for one synthesis request."""
 
     def identity(self) -> dict:
         """What determines the replies (part of the cache key; never includes secrets)."""

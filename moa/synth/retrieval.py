@@ -5,25 +5,25 @@ bundled corpus adds topic and the norm ids behind each document).
 """
 from __future__ import annotations
 
-import json
 import urllib.parse
-from pathlib import Path
+from abc import ABC, abstractmethod
 
 from moa.data import norms
-from moa.data.schema import DataError
+from moa.data.schema import DataError, json_lines
 from moa.synth.bm25 import BM25
 from moa.synth.httpjson import HttpClient
 
 DOC_FIELDS = ("id", "culture", "title", "source_type", "text")
 
 
-class Retriever:
+class Retriever(ABC):
     """Interface: `search(query, culture, k)` returns up to k documents, best first."""
 
     name = "retriever"
 
+    @abstractmethod
     def search(self, query: str, culture: str, k: int) -> list[dict]:
-        raise NotImplementedError
+        """Up to k documents for `query`, best first."""
 
     def identity(self) -> dict:
         """What identifies this backend's results (part of the LLM cache key)."""
@@ -32,18 +32,8 @@ class Retriever:
 
 def load_corpus(path) -> list[dict]:
     """Read a corpus JSONL (one document per line with DOC_FIELDS); every bad line is reported."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError([(str(path), 0, "no such corpus file")])
     docs, problems, seen = [], [], set()
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            doc = json.loads(line)
-        except json.JSONDecodeError as e:
-            problems.append((str(path), number, f"not valid JSON ({e.msg})"))
-            continue
+    for number, doc in json_lines(path, problems):
         if not isinstance(doc, dict):
             problems.append((str(path), number, f"expected a JSON object, got {type(doc).__name__}"))
             continue
