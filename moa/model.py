@@ -226,6 +226,29 @@ class MoAForCausalLM(nn.Module):
         return torch.stack(losses).mean()
 
     @torch.no_grad()
+    def route_probs(self, input_ids, attention_mask=None) -> torch.Tensor:
+        """[B, S, K]: each token's culture distribution, the gates' softmax averaged over layers."""
+        out = self(input_ids=input_ids, attention_mask=attention_mask, routing="router")
+        return torch.stack([logits.float().softmax(-1) for logits in out.router_logits]).mean(0)
+
+    @torch.no_grad()
+    def route_sequences(self, input_ids, attention_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(culture ids [B], confidence [B]): the router's choice per row, read at its last attended token.
+
+        The gate averages the layer input over the tokens so far, so the last token's
+        distribution reflects the whole prompt. Left or right padding both work.
+        """
+        probs = self.route_probs(input_ids, attention_mask)
+        if attention_mask is None:
+            last = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=probs.device)
+        else:
+            positions = torch.arange(input_ids.shape[1], device=probs.device)
+            last = (attention_mask.to(probs.device).bool() * positions).amax(1)
+        row = probs[torch.arange(probs.shape[0], device=probs.device), last]
+        confidence, ids = row.max(-1)
+        return ids, confidence
+
+    @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, culture_ids=None, routing="router", top_k=None, **kwargs):
         """transformers `generate` (KV cache on) with the routing applied to every prompt and new token."""
         if kwargs.get("num_beams", 1) > 1:
@@ -267,13 +290,20 @@ class MoAForCausalLM(nn.Module):
                 raise ValueError(f"{key}: shape {tuple(tensor.shape)} does not fit the model's {tuple(own[key].shape)}")
             own[key].copy_(tensor.to(own[key].device, own[key].dtype))
 
-    def save_pretrained(self, path: str | Path):
-        """Write moa_config.json and moa_adapters.safetensors (adapters and routers only), atomically."""
+    def save_pretrained(self, path: str | Path, base_spec=None):
+        """Write moa_config.json and moa_adapters.safetensors (adapters and routers only), atomically.
+
+        `base_spec` (a `moa.base_model.BaseModelConfig`) is stored as base_model.json so that
+        `moa.base_model.load_moa(path)` can rebuild the whole model."""
         state = {k: v.detach().to("cpu").contiguous() for k, v in self.adapter_state_dict().items()}
         base_name = getattr(getattr(self.base_model, "config", None), "_name_or_path", "")
         with atomic_directory(path) as tmp:
             save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "base_model": str(base_name)})
             self.config.save(tmp / CONFIG_NAME)
+            if base_spec is not None:
+                from moa.base_model import save_base_spec
+
+                save_base_spec(base_spec, tmp)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, base_model: nn.Module) -> "MoAForCausalLM":
