@@ -7,6 +7,7 @@ import sys
 
 VERBS = {
     "bench": "moa.bench.cli",
+    "eval": "moa.eval.cli",
     "synth": "moa.synth.cli",
 }
 

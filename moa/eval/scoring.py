@@ -1,0 +1,201 @@
+"""Label accuracy per method and culture, and routing accuracy, of a MoA model on labelled rows.
+
+A label task row is scored by putting every label of its task in the response slot and summing
+the log-probabilities of the response tokens (EOS included); the best-scoring label is the
+prediction. Rows x labels are scored in padded batches that mix cultures, one forward per batch.
+
+Methods:
+  base         the base model (culture id -1, no adapter)
+  prompting    the base model, the prompt prefixed with a sentence naming the row's culture
+  shared_lora  one LoRA trained on every culture (a run whose only culture is "shared")
+  moa_oracle   MoA with each row's own culture adapter
+  moa_router   MoA with the router choosing the adapter of every token
+"""
+from __future__ import annotations
+
+import torch
+from tqdm import tqdm
+
+from moa.data import IGNORE_INDEX, LABELS, encode_example, encode_prompt
+from moa.data.norms import cultures as bundled_cultures
+
+METHODS = ("base", "prompting", "shared_lora", "moa_oracle", "moa_router")
+SHARED_CULTURE = "shared"
+
+
+def culture_name(culture: str) -> str:
+    """The display name of a culture: the bundled name, else the id in title case."""
+    known = bundled_cultures()
+    return known[culture].name if culture in known else culture.replace("_", " ").title()
+
+
+def cultural_prompt(prompt: str, culture: str) -> str:
+    """The prompt behind a sentence asking for the culture's view (the `prompting` baseline)."""
+    return f"Answer as a person from {culture_name(culture)} would, by local norms.\n{prompt}"
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def _pad(sequences: list[list[int]], value: int, device) -> torch.Tensor:
+    width = max(len(s) for s in sequences)
+    return torch.tensor([s + [value] * (width - len(s)) for s in sequences], dtype=torch.long, device=device)
+
+
+@torch.no_grad()
+def sequence_logprobs(model, examples: list[dict], culture_ids: list[int] | None, routing: str, batch_size: int,
+                      pad_id: int = 0, progress: bool = False, desc: str = "score") -> list[float]:
+    """Sum of log-probs of the supervised tokens (labels != -100) of each example.
+
+    examples: `{"input_ids", "labels"}` as from `encode_example`; culture_ids: one per example
+    (None with routing='router'). Right padding, one forward per `batch_size` examples.
+    """
+    scores = []
+    for start in tqdm(range(0, len(examples), batch_size), desc=desc, unit="batch", disable=not progress):
+        batch = examples[start:start + batch_size]
+        ids = _pad([e["input_ids"] for e in batch], pad_id, model.device)
+        labels = _pad([e["labels"] for e in batch], IGNORE_INDEX, model.device)
+        mask = _pad([[1] * len(e["input_ids"]) for e in batch], 0, model.device)
+        cultures = None if culture_ids is None else torch.tensor(culture_ids[start:start + batch_size])
+        logits = model(input_ids=ids, attention_mask=mask, culture_ids=cultures, routing=routing, use_cache=False).logits
+        targets = labels[:, 1:]
+        keep = targets != IGNORE_INDEX
+        picked = logits[:, :-1][keep].float().log_softmax(-1)
+        token_logp = picked.gather(1, targets[keep][:, None]).squeeze(1)
+        rows = torch.arange(len(batch), device=keep.device)[:, None].expand_as(keep)[keep]
+        scores += torch.zeros(len(batch), device=keep.device).index_add_(0, rows, token_logp).tolist()
+    return scores
+
+
+def predict_labels(model, tokenizer, rows: list[dict], culture_ids: list[int] | None, routing: str, batch_size: int,
+                   max_length: int, prompting: bool = False, progress: bool = False, desc: str = "score"):
+    """(predicted label per row, {label: score} per row) for label-task rows.
+
+    prompting: prefix each prompt with `cultural_prompt` for the row's culture.
+    """
+    examples, owners = [], []
+    for i, row in enumerate(rows):
+        if row["task"] not in LABELS:
+            raise ValueError(f"row {i} has task {row['task']!r}: expected a label task, one of {sorted(LABELS)}")
+        prompt = cultural_prompt(row["prompt"], row["culture"]) if prompting else row["prompt"]
+        for label in LABELS[row["task"]]:
+            examples.append(encode_example(tokenizer, {"prompt": prompt, "response": label}, max_length))
+            owners.append((i, label))
+    pair_cultures = None if culture_ids is None else [culture_ids[i] for i, _ in owners]
+    flat = sequence_logprobs(model, examples, pair_cultures, routing, batch_size, _pad_id(tokenizer), progress, desc)
+    scores = [{} for _ in rows]
+    for (i, label), score in zip(owners, flat):
+        scores[i][label] = score
+    predictions = [max(s, key=s.get) for s in scores]
+    return predictions, scores
+
+
+@torch.no_grad()
+def route_rows(model, tokenizer, rows: list[dict], batch_size: int, max_length: int, progress: bool = False):
+    """The router on each row's formatted prompt (its last `max_length` tokens).
+
+    Returns (culture id per row at its last prompt token, as `route_sequences` reads it,
+    per-position argmax ids: a list per row over its prompt tokens).
+    """
+    pad_id = _pad_id(tokenizer)
+    sequence_ids, token_ids = [], []
+    for start in tqdm(range(0, len(rows), batch_size), desc="route", unit="batch", disable=not progress):
+        prompts = [encode_prompt(tokenizer, r["prompt"])[-max_length:] for r in rows[start:start + batch_size]]
+        ids = _pad(prompts, pad_id, model.device)
+        mask = _pad([[1] * len(p) for p in prompts], 0, model.device)
+        choice = model.route_probs(ids, mask).argmax(-1).tolist()
+        for p, row_choice in zip(prompts, choice):
+            token_ids.append(row_choice[:len(p)])
+            sequence_ids.append(row_choice[len(p) - 1])
+    return sequence_ids, token_ids
+
+
+def _share(hits: list[bool]) -> float | None:
+    return sum(hits) / len(hits) if hits else None
+
+
+def _accuracy(correct: list[bool], rows: list[dict], cultures: list[str]) -> dict:
+    by_culture = {c: [ok for ok, r in zip(correct, rows) if r["culture"] == c] for c in cultures}
+    tasks = [t for t in LABELS if any(r["task"] == t for r in rows)]
+    return {
+        "overall": _share(correct),
+        "per_culture": {c: _share(hits) for c, hits in by_culture.items() if hits},
+        "per_task": {t: _share([ok for ok, r in zip(correct, rows) if r["task"] == t]) for t in tasks},
+        "n": len(correct),
+        "n_per_culture": {c: len(hits) for c, hits in by_culture.items() if hits},
+    }
+
+
+def check_rows(rows: list[dict], cultures: list[str]) -> None:
+    """Every row's culture must be one of the model's; raises ValueError naming the first bad one."""
+    if not rows:
+        raise ValueError("no rows to evaluate")
+    for i, row in enumerate(rows):
+        if row["culture"] not in cultures:
+            where = f"row {i}" + (f" (id {row['id']!r})" if "id" in row else "")
+            count = sum(r["culture"] not in cultures for r in rows)
+            raise ValueError(f"{where} has culture {row['culture']!r}, which is not one of the model's cultures "
+                             f"{cultures} ({count} row(s) with cultures outside the model)")
+
+
+def evaluate(model, tokenizer, rows: list[dict], shared_model=None, batch_size: int = 32, max_length: int = 256,
+             progress: bool = False) -> dict:
+    """Label accuracy of every method, routing accuracy, routing by position and routing confusion.
+
+    rows: dicts as from `moa.data.load_jsonl`; `open` rows count for routing only. shared_model:
+    a MoA model whose only culture is "shared" (the `shared_lora` baseline, left out when None).
+    The models are put in eval mode.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    cultures = list(model.config.cultures)
+    check_rows(rows, cultures)
+    if shared_model is not None and list(shared_model.config.cultures) != [SHARED_CULTURE]:
+        raise ValueError(f"the shared LoRA model must have exactly one culture named {SHARED_CULTURE!r}, "
+                         f"got {list(shared_model.config.cultures)}")
+    for m in (model, shared_model):
+        if m is not None:
+            m.eval()
+
+    label_rows = [r for r in rows if r["task"] in LABELS]
+    gold = [r.get("label", r["response"]) for r in label_rows]
+    gold_ids = [cultures.index(r["culture"]) for r in label_rows]
+    runs = {
+        "base": (model, [-1] * len(label_rows), "oracle", False),
+        "prompting": (model, [-1] * len(label_rows), "oracle", True),
+        "shared_lora": (shared_model, [0] * len(label_rows), "oracle", False),
+        "moa_oracle": (model, gold_ids, "oracle", False),
+        "moa_router": (model, None, "router", False),
+    }
+    accuracy, predictions = {}, {}
+    for method, (scorer, ids, routing, prompting) in runs.items():
+        if scorer is None or not label_rows:
+            continue
+        predicted, _ = predict_labels(scorer, tokenizer, label_rows, ids, routing, batch_size, max_length,
+                                      prompting=prompting, progress=progress, desc=method)
+        predictions[method] = predicted
+        accuracy[method] = _accuracy([p == g for p, g in zip(predicted, gold)], label_rows, cultures)
+
+    row_ids = [cultures.index(r["culture"]) for r in rows]
+    routed, by_token = route_rows(model, tokenizer, rows, batch_size, max_length, progress)
+    confusion = [[0] * len(cultures) for _ in cultures]
+    for g, p in zip(row_ids, routed):
+        confusion[g][p] += 1
+    width = max(len(t) for t in by_token)
+    hits, counts = [0] * width, [0] * width
+    for g, choices in zip(row_ids, by_token):
+        for position, choice in enumerate(choices):
+            counts[position] += 1
+            hits[position] += int(choice == g)
+    return {
+        "accuracy": accuracy,
+        "predictions": predictions,
+        "routing_accuracy": sum(g == p for g, p in zip(row_ids, routed)) / len(rows),
+        "routing_by_position": {"accuracy": [h / c for h, c in zip(hits, counts)], "count": counts},
+        "confusion": confusion,
+        "cultures": cultures,
+        "n_rows": len(rows),
+        "n_label_rows": len(label_rows),
+        "n_open_skipped": len(rows) - len(label_rows),
+    }
