@@ -8,6 +8,8 @@ import sys
 VERBS = {
     "bench": "moa.bench.cli",
     "eval": "moa.eval.cli",
+    "export": "moa.export",
+    "generate": "moa.infer.cli",
     "synth": "moa.synth.cli",
 }
 
