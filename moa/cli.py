@@ -11,6 +11,7 @@ VERBS = {
     "export": "moa.export",
     "generate": "moa.infer.cli",
     "synth": "moa.synth.cli",
+    "train": "moa.training.cli",
 }
 
 

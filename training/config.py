@@ -1,0 +1,219 @@
+"""`TrainConfig`: one YAML file describing a training run. Validated before any compute.
+
+Sections: `model` (moa.base_model.BaseModelConfig), `moa` (moa.MoAConfig), `stages` (one entry
+per adaptation stage: data, steps, learning rate), `optim`, `batch`, and run settings. Relative
+data, model and DeepSpeed paths are resolved against the config file's directory (output_dir
+against the working directory); unknown keys anywhere are refused.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from moa.base_model import BaseModelConfig
+from moa.config import MoAConfig
+
+SAMPLING = ("uniform", "proportional")
+PRECISIONS = ("fp32", "bf16", "fp16")
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def _from_mapping(cls, data, source: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected a mapping, got {type(data).__name__} {data!r}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{source}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+    try:
+        return cls(**data)
+    except TypeError as err:
+        raise ValueError(f"{source}: {err}") from None
+
+
+def _positive_int(value, name):
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass
+class StageConfig:
+    name: str = field(metadata={"help": "Stage name used in logs (e.g. 'broad', 'task')."})
+    train: list[str] = field(metadata={"help": "Training JSONL file(s) (docs/data.md schema)."})
+    steps: int = field(metadata={"help": "Optimizer steps in this stage."})
+    lr: float = field(metadata={"help": "Peak learning rate of this stage."})
+    validation: list[str] = field(default_factory=list, metadata={"help": "Validation JSONL file(s), evaluated every eval_interval steps."})
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warmup steps at the start of the stage."})
+    tasks: list[str] | None = field(default=None, metadata={"help": "Keep only rows of these tasks (default: all)."})
+
+    def __post_init__(self):
+        self.train = [self.train] if isinstance(self.train, str) else list(self.train)
+        self.validation = [self.validation] if isinstance(self.validation, str) else list(self.validation or [])
+        if not self.train:
+            raise ValueError(f"stage {self.name!r}: 'train' needs at least one JSONL file")
+        _positive_int(self.steps, f"stage {self.name!r} steps")
+        if not isinstance(self.lr, (int, float)) or self.lr <= 0:
+            raise ValueError(f"stage {self.name!r}: lr must be a positive number, got {self.lr!r}")
+        if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError(f"stage {self.name!r}: warmup_steps must be in 0..{self.steps}, got {self.warmup_steps!r}")
+
+
+@dataclass
+class OptimConfig:
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata={"help": "AdamW betas."})
+    eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    schedule: str = field(default="cosine", metadata={"help": "Decay after warmup within each stage: cosine, linear or constant."})
+    min_lr_ratio: float = field(default=0.1, metadata={"help": "Final learning rate of a stage as a fraction of its peak."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 = off)."})
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+        if len(self.betas) != 2:
+            raise ValueError(f"optim.betas must be two numbers, got {self.betas!r}")
+        if self.max_grad_norm < 0:
+            raise ValueError(f"optim.max_grad_norm must be >= 0, got {self.max_grad_norm!r}")
+
+
+@dataclass
+class BatchConfig:
+    micro_batch_size: int = field(default=4, metadata={"help": "Rows per forward pass on each process."})
+    global_batch_size: int = field(default=8, metadata={"help": "Rows per optimizer step over all processes; "
+                                                                 "gradient accumulation = global / (micro * world size)."})
+    max_length: int = field(default=256, metadata={"help": "Tokens per row at most (prompt cut from the left)."})
+    sampling: str = field(default="uniform", metadata={"help": "Rows per culture in a batch: 'uniform' (each culture "
+                                                               "equally likely) or 'proportional' (as in the data)."})
+
+    def __post_init__(self):
+        _positive_int(self.micro_batch_size, "batch.micro_batch_size")
+        _positive_int(self.global_batch_size, "batch.global_batch_size")
+        _positive_int(self.max_length, "batch.max_length")
+        if self.sampling not in SAMPLING:
+            raise ValueError(f"batch.sampling must be one of {SAMPLING}, got {self.sampling!r}")
+
+    def accumulation(self, world_size: int) -> int:
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            raise ValueError(f"batch.global_batch_size {self.global_batch_size} is not a multiple of micro_batch_size "
+                             f"{self.micro_batch_size} x world size {world_size}")
+        return self.global_batch_size // per_step
+
+
+@dataclass
+class TrainConfig:
+    model: BaseModelConfig = field(metadata={"help": "Base model: a local path or a tiny config, optional quantization."})
+    moa: MoAConfig = field(metadata={"help": "Cultures, LoRA and router settings (moa.MoAConfig fields)."})
+    stages: list[StageConfig] = field(metadata={"help": "Adaptation stages run in order (stage 1 broad, stage 2 task-aware)."})
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "Optimizer and schedule."})
+    batch: BatchConfig = field(default_factory=BatchConfig, metadata={"help": "Batch sizes, sequence length, culture sampling."})
+    shared_lora: bool = field(default=False, metadata={"help": "Baseline: one LoRA of rank K*r trained on every culture's rows."})
+    precision: str = field(default="fp32", metadata={"help": "fp32, bf16 or fp16 (DeepSpeed mixed precision)."})
+    deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed JSON config; its 'auto' values are filled from this file."})
+    output_dir: str = field(default="runs/train", metadata={"help": "Checkpoints, final/ export and metrics go here."})
+    save_interval: int = field(default=50, metadata={"help": "Steps between checkpoints (the last step is always saved)."})
+    keep_checkpoints: int = field(default=2, metadata={"help": "Complete checkpoints kept on disk."})
+    eval_interval: int = field(default=0, metadata={"help": "Steps between validation passes (0 = only at the end)."})
+    eval_rows: int = field(default=64, metadata={"help": "Validation rows evaluated per pass."})
+    log_interval: int = field(default=1, metadata={"help": "Steps between metrics lines."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute decoder layers in backward."})
+    tensorboard: bool = field(default=False, metadata={"help": "Also write TensorBoard events under output_dir/tensorboard."})
+    seed: int = field(default=0, metadata={"help": "Seed of data sampling and dropout."})
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if not self.stages:
+            raise ValueError("stages must list at least one stage")
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names must be unique, got {names}")
+        for name in ("save_interval", "keep_checkpoints", "log_interval", "eval_rows"):
+            _positive_int(getattr(self, name), name)
+        if not isinstance(self.eval_interval, int) or self.eval_interval < 0:
+            raise ValueError(f"eval_interval must be an integer >= 0, got {self.eval_interval!r}")
+
+    @property
+    def total_steps(self) -> int:
+        return sum(s.steps for s in self.stages)
+
+    def stage_at(self, step: int) -> tuple[int, StageConfig, int]:
+        """(stage index, stage, step within the stage) for global step `step` (0-based)."""
+        start = 0
+        for index, stage in enumerate(self.stages):
+            if step < start + stage.steps:
+                return index, stage, step - start
+            start += stage.steps
+        raise ValueError(f"step {step} is past the last stage (total {self.total_steps} steps)")
+
+    def model_config(self) -> MoAConfig:
+        """The MoAConfig actually trained: the shared baseline is one culture 'shared' of rank K*r."""
+        if not self.shared_lora:
+            return self.moa
+        data = self.moa.to_dict()
+        data.update(cultures=["shared"], r=self.moa.r * self.moa.num_cultures, alpha=self.moa.alpha * self.moa.num_cultures,
+                    router_loss_weight=0.0, train_routing="gold", top_k=1)
+        return MoAConfig(**data)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config", base_dir: str | Path = ".") -> "TrainConfig":
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
+        data = dict(data)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        for key in ("model", "moa", "stages"):
+            if key not in data:
+                raise ValueError(f"{source}: missing required key {key!r}")
+        base_dir = Path(base_dir)
+
+        def resolve(p):
+            return p if p is None or Path(p).is_absolute() else str((base_dir / p).resolve())
+
+        try:
+            model = dict(data["model"] or {})
+            if model.get("path"):
+                model["path"] = resolve(model["path"])
+            if model.get("tokenizer") not in (None, "byte"):
+                model["tokenizer"] = resolve(model["tokenizer"])
+            data["model"] = BaseModelConfig.from_dict(model, f"{source}: model")
+            data["moa"] = MoAConfig.from_dict(data["moa"], f"{source}: moa")
+            if not isinstance(data["stages"], list):
+                raise ValueError(f"stages must be a list, got {data['stages']!r}")
+            stages = []
+            for i, stage in enumerate(data["stages"]):
+                stage = _from_mapping(StageConfig, stage, f"{source}: stages[{i}]")
+                stage.train = [resolve(p) for p in stage.train]
+                stage.validation = [resolve(p) for p in stage.validation]
+                stages.append(stage)
+            data["stages"] = stages
+            data["optim"] = _from_mapping(OptimConfig, data.get("optim"), f"{source}: optim")
+            data["batch"] = _from_mapping(BatchConfig, data.get("batch"), f"{source}: batch")
+            if data.get("deepspeed"):
+                data["deepspeed"] = resolve(data["deepspeed"])
+            return cls(**data)
+        except ValueError as err:
+            message = str(err)
+            raise ValueError(message if message.startswith(source) else f"{source}: {message}") from None
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "TrainConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"training config {path} not found")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ValueError(f"{path}: not valid YAML: {err}") from None
+        return cls.from_dict(data, source=str(path), base_dir=path.parent)

@@ -1,0 +1,64 @@
+"""Training batches: every stage's rows tokenized once, mixed-culture global batches drawn per step.
+
+The rows of global step `s` are a pure function of (seed, stage, s), so a resumed run sees the
+same data as an uninterrupted one with no sampler state to save, and any number of processes
+splits the same global batch: micro-batch slot `m` of process `rank` holds rows
+`[(m * world + rank) * micro, ... + micro)` of it.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from moa.data import IGNORE_INDEX, encode_example, load_jsonl
+
+
+class StageData:
+    """A stage's tokenized rows with their culture ids, sampled per culture uniformly or proportionally."""
+
+    def __init__(self, files, tokenizer, cultures: list[str], max_length: int, tasks=None, shared: bool = False):
+        rows = []
+        for path in files:
+            rows.extend(load_jsonl(path, cultures=cultures, tasks=tasks))
+        if not rows:
+            raise ValueError(f"no rows for cultures {cultures} (tasks {tasks or 'all'}) in {list(map(str, files))}")
+        self.rows = rows
+        self.examples = [encode_example(tokenizer, row, max_length) for row in rows]
+        self.culture_names = [row["culture"] for row in rows]
+        # the shared-LoRA baseline routes every row to its single slot 0
+        self.culture_ids = np.array([0 if shared else cultures.index(row["culture"]) for row in rows])
+        self.by_culture = {c: np.flatnonzero(np.array(self.culture_names) == c) for c in cultures}
+        self.by_culture = {c: idx for c, idx in self.by_culture.items() if len(idx)}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def global_batch(self, seed: int, stage: int, step: int, size: int, sampling: str) -> np.ndarray:
+        """Row indices of one global batch (a function of seed, stage and step only)."""
+        rng = np.random.default_rng([seed, stage, step])
+        if sampling == "proportional":
+            return rng.integers(0, len(self.rows), size)
+        cultures = list(self.by_culture)
+        picks = rng.integers(0, len(cultures), size)
+        return np.array([self.by_culture[cultures[c]][rng.integers(0, len(self.by_culture[cultures[c]]))] for c in picks])
+
+    def collate(self, indices, pad_id: int) -> dict[str, torch.Tensor]:
+        """Right-padded input_ids, attention_mask, labels (-100 on prompt and padding) and culture_ids."""
+        examples = [self.examples[i] for i in indices]
+        length = max(len(e["input_ids"]) for e in examples)
+        ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+        labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(examples), length), dtype=torch.long)
+        for i, e in enumerate(examples):
+            n = len(e["input_ids"])
+            ids[i, :n] = torch.tensor(e["input_ids"])
+            labels[i, :n] = torch.tensor(e["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels,
+                "culture_ids": torch.tensor(self.culture_ids[list(indices)], dtype=torch.long)}
+
+
+def micro_batches(global_indices: np.ndarray, micro: int, rank: int, world: int) -> list[np.ndarray]:
+    """This process's micro-batches of a global batch, in accumulation order."""
+    slots = len(global_indices) // micro
+    return [global_indices[s * micro:(s + 1) * micro] for s in range(rank, slots, world)]

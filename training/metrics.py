@@ -1,0 +1,94 @@
+"""Training metrics: one JSON line per logged step (and per validation pass), optional TensorBoard, a PNG of the curves."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+class MetricsLog:
+    """Appends metrics rows to `path` (JSONL). On resume, rows past the checkpoint's step are dropped first."""
+
+    def __init__(self, path: str | Path, tensorboard_dir: str | Path | None = None, resume_step: int | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            self.path.write_text("")
+        else:
+            self.truncate_after(resume_step)
+        self.writer = None
+        if tensorboard_dir is not None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(tensorboard_dir))
+
+    def truncate_after(self, step: int):
+        """Keep only rows with step <= `step` (rows a killed run logged after its last checkpoint go)."""
+        rows = self.rows() if self.path.exists() else []
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step))
+        os.replace(tmp, self.path)
+
+    def rows(self) -> list[dict]:
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def log(self, row: dict):
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            prefix = "eval/" if row.get("kind") == "eval" else "train/"
+            for key, value in row.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self.writer.add_scalar(prefix + key, value, row["step"])
+                elif isinstance(value, dict):
+                    for sub, v in value.items():
+                        self.writer.add_scalar(f"{prefix}{key}/{sub}", v, row["step"])
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
+def plot_metrics(rows: list[dict], path: str | Path):
+    """Loss, router loss, routing accuracy, per-culture LM loss and learning rate against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in rows if r.get("kind") == "train"]
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7))
+    steps = [r["step"] for r in train]
+    ax = axes[0, 0]
+    ax.plot(steps, [r["lm_loss"] for r in train], label="train LM loss")
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["lm_loss"] for r in evals], "o-", label="validation LM loss")
+    ax.set_title("LM loss")
+    ax.legend()
+    ax = axes[0, 1]
+    ax.plot(steps, [r["router_loss"] for r in train], color="tab:red", label="router loss")
+    acc = [(r["step"], r["routing_accuracy"]) for r in train if r.get("routing_accuracy") is not None]
+    if acc:
+        twin = ax.twinx()
+        twin.plot(*zip(*acc), color="tab:green", label="routing accuracy")
+        twin.set_ylim(0, 1.02)
+        twin.set_ylabel("token routing accuracy")
+    ax.set_title("Router")
+    ax.legend(loc="upper left")
+    ax = axes[1, 0]
+    cultures = sorted({c for r in train for c in r.get("lm_loss_per_culture", {})})
+    for culture in cultures:
+        points = [(r["step"], r["lm_loss_per_culture"][culture]) for r in train if culture in r.get("lm_loss_per_culture", {})]
+        ax.plot(*zip(*points), label=culture, linewidth=1)
+    ax.set_title("LM loss per culture")
+    if cultures:
+        ax.legend(fontsize=7, ncol=2)
+    ax = axes[1, 1]
+    ax.plot(steps, [r["lr"] for r in train])
+    ax.set_title("learning rate")
+    for ax in axes.flat:
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
