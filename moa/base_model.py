@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 BASE_MODEL_NAME = "base_model.json"
 QUANTIZATIONS = (None, "nf4", "fp4", "int8")
@@ -101,7 +102,11 @@ def load_base_model(spec: BaseModelConfig, device: str | torch.device = "cpu"):
         kwargs["device_map"] = {"": device}
     if spec.tiny is not None:  # a quantized tiny model: write the fp weights, load them through bitsandbytes
         with tempfile.TemporaryDirectory() as tmp:
-            tiny_model(seed=spec.seed, dtype=spec.torch_dtype, **spec.tiny).save_pretrained(tmp)
+            # written by hand: save_pretrained writes only on rank 0 once torch.distributed is up
+            full = tiny_model(seed=spec.seed, dtype=spec.torch_dtype, **spec.tiny)
+            full.config.to_json_file(str(Path(tmp, "config.json")))
+            save_file({k: v.contiguous() for k, v in full.state_dict().items()}, str(Path(tmp, "model.safetensors")),
+                      metadata={"format": "pt"})
             model = AutoModelForCausalLM.from_pretrained(tmp, **kwargs)
     else:
         model = AutoModelForCausalLM.from_pretrained(spec.path, **kwargs)

@@ -9,7 +9,7 @@ import pytest
 from safetensors.torch import load_file
 
 from moa.base_model import load_moa
-from train_helpers import ROOT, TINY, metrics, moa_train, torchrun_train
+from train_helpers import ROOT, TINY, metrics, moa_train, tiny_config, torchrun_train
 
 STEPS = 6
 LOSS_TOL = 1e-5  # fp32; gradients are summed across processes in a different order
@@ -60,3 +60,16 @@ def test_deepspeed_two_processes_match_single(single_run, tmp_path, zero):
         assert (a[key] - b[key]).abs().max() <= WEIGHT_TOL, key
     trained = [k for k in a if k.endswith("lora_B")]
     assert all(a[k].abs().max() > 0 for k in trained)  # the adapters moved from their zero init
+
+
+def test_qlora_nf4_under_zero3_matches_single(tmp_path):
+    """4-bit base stored in the compute dtype (bnb_4bit_quant_storage), so ZeRO-3 shards it like any tensor."""
+    config = tiny_config(tmp_path, model={"quantization": "nf4"})
+    moa_train(config, "--output-dir", tmp_path / "one", "--max-steps", 4)
+    torchrun_train(2, config, "--deepspeed", ROOT / "configs" / "deepspeed" / "zero3.json", "--output-dir", tmp_path / "two",
+                   "--max-steps", 4)
+    ref, got = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [r["lm_loss"] for r in got] == pytest.approx([r["lm_loss"] for r in ref], abs=LOSS_TOL)
+    a = load_file(tmp_path / "one" / "final" / "moa_adapters.safetensors")
+    b = load_file(tmp_path / "two" / "final" / "moa_adapters.safetensors")
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= WEIGHT_TOL
