@@ -41,8 +41,6 @@ class BaseModelConfig:
             raise ValueError(f"model.quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.path is not None and not Path(self.path).is_dir():
-            raise ValueError(f"model.path {self.path!r} is not a local directory (nothing is downloaded)")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -92,6 +90,8 @@ def load_base_model(spec: BaseModelConfig, device: str | torch.device = "cpu"):
 
     from moa.tiny import tiny_model
 
+    if spec.path is not None and not Path(spec.path).is_dir():
+        raise ValueError(f"model.path {spec.path!r} is not a local directory (nothing is downloaded)")
     if spec.tiny is not None and spec.quantization is None:
         model = tiny_model(seed=spec.seed, dtype=spec.torch_dtype, **spec.tiny).to(device)
         return model.eval(), load_tokenizer(spec)

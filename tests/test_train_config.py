@@ -113,3 +113,17 @@ def test_qlora_nf4_run_trains_and_exports(tmp_path):
     assert max(float(layer.lora_B.abs().max()) for layer in model.lora_layers.values()) > 0
     spec = yaml.safe_load((tmp_path / "out" / "final" / "base_model.json").read_text())
     assert spec["quantization"] == "nf4"
+
+
+@pytest.mark.parametrize("name, world, accumulation, stage", [("llama3-8b-qlora-zero2.yaml", 8, 4, 2),
+                                                                ("llama3-70b-zero3.yaml", 8, 8, 3)])
+def test_cluster_configs_parse(name, world, accumulation, stage):
+    config = TrainConfig.from_file(ROOT / "configs" / "train" / name)
+    ds = deepspeed_config(config, world=world)
+    assert ds["gradient_accumulation_steps"] == accumulation and ds["zero_optimization"]["stage"] == stage
+    assert ds["bf16"]["enabled"] is True and config.model.dtype == "bfloat16"
+    assert config.moa.num_cultures == 10 and [s.name for s in config.stages] == ["broad", "task"]
+    from moa.base_model import load_base_model
+
+    with pytest.raises(ValueError, match="is not a local directory"):  # weights are never downloaded
+        load_base_model(config.model)
