@@ -1,7 +1,9 @@
 """The adapted linear layer: a frozen base projection plus every culture's LoRA, stacked.
 
 `MoALinear` holds `lora_A[K, r, d_in]` and `lora_B[K, d_out, r]` for the K cultures and adds
-`multi_lora(x, lora_A, lora_B, plan)` to the base output, the plan coming from the routing call
+`multi_lora(x, lora_A, lora_B, plan)` to the base output. The parameters are stored transposed
+(`lora_A_T[K, d_in, r]`, `lora_B_T[K, r, d_out]`), so the matmuls `x A^T` and `h B^T` read
+contiguous operands; `lora_A`/`lora_B` are views in the contract's shapes and write through, the plan coming from the routing call
 in progress. Which wrapper a base layer gets is decided by small dispatch functions, as in PEFT;
 the bitsandbytes variants live in `moa.bnb`.
 """
@@ -29,10 +31,20 @@ class MoALinear(nn.Module):
         self.owner = owner  # routing key of the model this layer belongs to (a plain object, not a module)
         self.backend = "auto"
         dtype = self.lora_dtype()
-        self.lora_A = nn.Parameter(torch.empty(num_adapters, r, in_features, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.zeros(num_adapters, out_features, r, dtype=dtype))
+        self.lora_A_T = nn.Parameter(torch.empty(num_adapters, in_features, r, dtype=dtype))
+        self.lora_B_T = nn.Parameter(torch.zeros(num_adapters, r, out_features, dtype=dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_lora(generator)
+
+    @property
+    def lora_A(self) -> torch.Tensor:
+        """[K, r, d_in] view of the stored A^T (writes go through)."""
+        return self.lora_A_T.transpose(1, 2)
+
+    @property
+    def lora_B(self) -> torch.Tensor:
+        """[K, d_out, r] view of the stored B^T (writes go through)."""
+        return self.lora_B_T.transpose(1, 2)
 
     def lora_dtype(self) -> torch.dtype:
         weight = self.base_layer.weight

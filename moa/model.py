@@ -114,8 +114,8 @@ class MoAForCausalLM(nn.Module):
                 wrapped = wrap_linear(module, num_adapters=config.num_cultures, r=config.r, scaling=config.scaling,
                                       dropout=config.dropout, owner=model.routing_key, generator=generator)
                 device = next(module.parameters()).device
-                wrapped.lora_A.data = wrapped.lora_A.data.to(device)
-                wrapped.lora_B.data = wrapped.lora_B.data.to(device)
+                for param in (wrapped.lora_A_T, wrapped.lora_B_T):
+                    param.data = param.data.to(device)
                 parent = layer.get_submodule(name.rpartition(".")[0]) if "." in name else layer
                 setattr(parent, name.rpartition(".")[2], wrapped)
                 model.lora_layers[f"{prefix}.{name}"] = wrapped

@@ -49,7 +49,7 @@ def gathered(params):
 def export_adapters(engine, out_dir: Path, base_spec):
     """Every rank gathers the adapters and routers; rank 0 writes them (atomically) as safetensors."""
     model = engine.module
-    with gathered(model.adapter_state_dict().values()):
+    with gathered(p for p in model.parameters() if p.requires_grad):  # adapters and routers
         if dist.get_rank() == 0:
             model.save_pretrained(out_dir, base_spec=base_spec)
     dist.barrier()
