@@ -84,6 +84,14 @@ class AdapterPlan:
         """[G, L] token of each padded entry (padding repeats a real token; its weight is zeroed)."""
         return self.sorted_token[self.padded_index]
 
+    def padded_scale(self, coef: float, dtype: torch.dtype) -> torch.Tensor:
+        """[G, L, 1]: `coef` on real entries, 0 on padding (cached per coef and dtype)."""
+        cache = self.__dict__.setdefault("_padded_scale", {})
+        key = (coef, dtype)
+        if key not in cache:
+            cache[key] = (self.padded_valid[..., None] * coef).to(dtype)
+        return cache[key]
+
     @cached_property
     def padded_valid(self) -> torch.Tensor:
         """[G, L] bool: which padded entries are real assignments."""

@@ -44,8 +44,10 @@ def _padded(x, lora_a, lora_b, plan: AdapterPlan, coef):
     h = torch.bmm(x.index_select(0, index).view(*plan.padded_token.shape, -1), a.transpose(1, 2))  # [G, L, r]
     if isinstance(coef, torch.Tensor):
         h = h * torch.where(plan.padded_valid, coef[plan.padded_index], torch.zeros_like(coef[:1]))[..., None]
+    elif torch.is_grad_enabled():
+        h = h * plan.padded_scale(coef, h.dtype)
     else:
-        h = h * (plan.padded_valid[..., None] * coef)
+        h.mul_(plan.padded_scale(coef, h.dtype))
     return index, torch.bmm(h, b.transpose(1, 2)).reshape(index.shape[0], -1)
 
 
