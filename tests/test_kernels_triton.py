@@ -298,8 +298,8 @@ def test_moa_model_runs_on_the_triton_op():
         model.zero_grad()
         out = model(input_ids=ids, labels=ids, culture_ids=cultures, routing="oracle")
         out.loss.backward()
-        results[backend] = (out.logits.detach(), [m.lora_A.grad.clone() for m in layers],
-                            [m.lora_B.grad.clone() for m in layers])
+        results[backend] = (out.logits.detach(), [m.lora_A_T.grad.clone() for m in layers],
+                            [m.lora_B_T.grad.clone() for m in layers])
     close(results["triton"][0], results["torch"][0], torch.float32, "logits")
     for i, (g, g_ref) in enumerate(zip(results["triton"][1] + results["triton"][2], results["torch"][1] + results["torch"][2])):
         close(g, g_ref, torch.float32, f"LoRA grad {i}")
