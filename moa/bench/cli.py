@@ -8,6 +8,7 @@ HELP = "run a benchmark (table + JSON)"
 BENCHES = {
     "e2e": "moa.bench.e2e",
     "kernels": "moa.bench.kernels",
+    "train": "moa.bench.train",
 }
 
 
