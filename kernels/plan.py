@@ -42,6 +42,14 @@ class AdapterPlan:
     def num_assignments(self) -> int:
         return self.sorted_slot.numel()
 
+    @cached_property
+    def in_token_order(self) -> bool:
+        """True when every token has exactly one adapter and the tokens are already grouped by it
+        (e.g. a batch whose rows are sorted by culture): the sorted order is the identity."""
+        if self.top_k != 1 or self.num_assignments != self.num_tokens:
+            return False
+        return bool(torch.equal(self.sorted_token, torch.arange(self.num_tokens, device=self.ids.device)))
+
     @property
     def max_count(self) -> int:
         return max(self.counts, default=0)
@@ -89,7 +97,7 @@ class AdapterPlan:
         cache = self.__dict__.setdefault("_padded_scale", {})
         key = (coef, dtype)
         if key not in cache:
-            cache[key] = (self.padded_valid[..., None] * coef).to(dtype)
+            cache[key] = self.padded_valid[..., None].to(dtype) * coef
         return cache[key]
 
     @cached_property

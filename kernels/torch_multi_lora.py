@@ -7,7 +7,9 @@ plain differentiable torch ops (autograd gives grad x, A, B and weights):
   ops however many adapters the batch mixes (decode: few tokens per adapter); the groups are all
   K adapters when at least half are used (no copy of the weights), else the used ones;
 * segmented: one pair of matmuls per used adapter over its contiguous slice (prefill and
-  training: many tokens per adapter, where padding would waste work).
+  training: many tokens per adapter, where padding would waste work). When the tokens are
+  already grouped by adapter (`plan.in_token_order`, e.g. training rows sorted by culture) the
+  slices are taken from x directly and the result added without a gather or scatter.
 
 `use_padded` picks the one with less work, counting a launched op as `OP_COST` multiply-adds.
 The LoRA output is accumulated into `base_out` in place when it is given and autograd is not
@@ -52,14 +54,15 @@ def _padded(x, lora_a, lora_b, plan: AdapterPlan, coef):
 
 
 def _segmented(x, lora_a, lora_b, plan: AdapterPlan, coef):
-    """[N] token index and [N, d_out] LoRA outputs, one matmul pair per used adapter."""
-    xs = x.index_select(0, plan.sorted_token)
+    """[N] token index (None: token order) and [N, d_out] LoRA outputs, one matmul pair per used adapter."""
+    xs = x if plan.in_token_order else x.index_select(0, plan.sorted_token)
     pieces = []
     for adapter, start, count in zip(plan.adapters, plan.offsets, plan.counts):
         h = xs[start : start + count] @ lora_a[adapter].t()
         h = h * (coef[start : start + count, None] if isinstance(coef, torch.Tensor) else coef)
         pieces.append(h @ lora_b[adapter].t())
-    return plan.sorted_token, torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+    index = None if plan.in_token_order else plan.sorted_token
+    return index, torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
 
 def multi_lora_torch(x, lora_a, lora_b, plan: AdapterPlan, weights=None, scaling=1.0, base_out=None):
@@ -70,9 +73,10 @@ def multi_lora_torch(x, lora_a, lora_b, plan: AdapterPlan, weights=None, scaling
     coef = assignment_scale(plan, weights, scaling, lora_a.dtype)
     layout = _padded if use_padded(plan, lora_a.shape[1], lora_a.shape[2], lora_b.shape[1]) else _segmented
     index, y = layout(x.to(lora_a.dtype), lora_a, lora_b, plan, coef)
-    if torch.is_grad_enabled() and (out.requires_grad or y.requires_grad):
-        return out.index_add(0, index, y.to(out.dtype))  # autograd: base_out may be a view it must not see modified
-    return out.index_add_(0, index, y.to(out.dtype))
+    y = y.to(out.dtype)
+    if torch.is_grad_enabled() and (out.requires_grad or y.requires_grad):  # base_out may be a view autograd must not see modified
+        return out + y if index is None else out.index_add(0, index, y)
+    return out.add_(y) if index is None else out.index_add_(0, index, y)
 
 
 def multi_lora_naive(x, lora_a, lora_b, adapter_ids, weights=None, scaling=1.0, base_out=None):

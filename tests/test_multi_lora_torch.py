@@ -91,3 +91,24 @@ def test_few_of_many_adapters_used(layout):
     assert not plan.pads_all_adapters and plan.padded_groups == 2
     want = multi_lora_naive(x, a, b, ids, weights=w, scaling=scaling, base_out=base)
     torch.testing.assert_close(multi_lora(x, a, b, plan, weights=w, scaling=scaling, base_out=base.clone()), want)
+
+
+@pytest.mark.parametrize("ids", [[0, 0, 0, 1, 1, 2, 2, 2, 2], [1, 1, 1, 1, 1, 1, 1, 1, 1]])
+def test_tokens_already_grouped_skip_the_gather(layout, ids):
+    """Rows sorted by culture (as training batches are): the same values and gradients, no reorder."""
+    x, a, b, _, _, base, _ = make_inputs(9, 3, 4, 11, 7)
+    ids = torch.tensor(ids)
+    plan = plan_adapters(ids, 3)
+    assert plan.in_token_order and not plan_adapters(ids.flip(0) if ids.unique().numel() > 1 else
+                                                     torch.tensor([1] * 8 + [-1]), 3).in_token_order
+    x, a, b = (t.clone().requires_grad_() for t in (x, a, b))
+    got = multi_lora(x, a, b, plan, scaling=0.7, base_out=base)
+    grads = torch.autograd.grad(got.square().sum(), (x, a, b))
+    want = multi_lora_naive(x, a, b, ids, scaling=0.7, base_out=base)
+    torch.testing.assert_close(got, want)
+    for g, w in zip(grads, torch.autograd.grad(want.square().sum(), (x, a, b))):
+        torch.testing.assert_close(g, w)
+    with torch.no_grad():
+        out = base.clone()
+        assert multi_lora(x, a, b, plan, scaling=0.7, base_out=out) is out
+        torch.testing.assert_close(out, want)

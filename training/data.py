@@ -43,7 +43,12 @@ class StageData:
         return np.array([self.by_culture[cultures[c]][rng.integers(0, len(self.by_culture[cultures[c]]))] for c in picks])
 
     def collate(self, indices, pad_id: int) -> dict[str, torch.Tensor]:
-        """Right-padded input_ids, attention_mask, labels (-100 on prompt and padding) and culture_ids."""
+        """Right-padded input_ids, attention_mask, labels (-100 on prompt and padding) and culture_ids.
+
+        Rows are grouped by culture (a stable sort), so each adapter's tokens are one contiguous
+        slice and the multi-LoRA op needs no gather or scatter; the loss is a mean, so order is free.
+        """
+        indices = sorted(indices, key=lambda i: self.culture_ids[i])
         examples = [self.examples[i] for i in indices]
         length = max(len(e["input_ids"]) for e in examples)
         ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
@@ -55,7 +60,7 @@ class StageData:
             labels[i, :n] = torch.tensor(e["labels"])
             mask[i, :n] = 1
         return {"input_ids": ids, "attention_mask": mask, "labels": labels,
-                "culture_ids": torch.tensor(self.culture_ids[list(indices)], dtype=torch.long)}
+                "culture_ids": torch.tensor(self.culture_ids[indices], dtype=torch.long)}
 
 
 def micro_batches(global_indices: np.ndarray, micro: int, rank: int, world: int) -> list[np.ndarray]:

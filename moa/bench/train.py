@@ -1,7 +1,8 @@
 """Training step time (forward + backward + optimizer step) on the same tokens, K culture adapters.
 
 One batch of `--batch` rows x `--seq-len` tokens (random token ids, every token supervised), rows
-assigned to the K cultures round-robin, and one frozen Llama-style base model built from a config.
+assigned to the K cultures round-robin (MoA groups them by culture, as the trainer batches them), and one
+frozen Llama-style base model built from a config.
 Providers, each doing real AdamW steps on its own copy of the base:
 
 * `moa_joint` (a): MoA with K culture LoRAs of rank r, the whole mixed batch in one pass, gold
@@ -109,7 +110,8 @@ def _moa_trainer(name, base, names, rank, batch, culture_ids, args) -> Trainer:
             p.requires_grad_(False)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr)
-    input_ids, labels = batch
+    order = torch.argsort(culture_ids, stable=True)  # rows grouped by culture, as the trainer batches them
+    input_ids, labels, culture_ids = batch[0][order], batch[1][order], culture_ids[order]
 
     def step():
         optimizer.zero_grad(set_to_none=True)
