@@ -26,6 +26,6 @@ setup(
         "matplotlib",
         "numpy",
     ],
-    extras_require={"dev": ["pytest>=8"]},
+    extras_require={"dev": ["pytest>=8"], "tensorboard": ["tensorboard"]},
     entry_points={"console_scripts": ["moa=moa.cli:main"]},
 )

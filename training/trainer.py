@@ -122,6 +122,11 @@ class Trainer:
         self.rank, self.world, self.device = init_distributed()
         self.show_progress = show_progress and self.rank == 0
         self.ds_config = deepspeed_config(config, self.world)  # checked before any data or model work
+        if config.tensorboard:
+            try:
+                import torch.utils.tensorboard  # noqa: F401
+            except ImportError:
+                raise ValueError("tensorboard: true needs the tensorboard package: pip install -e '.[tensorboard]'") from None
         tokenizer = load_tokenizer(config.model)
         cultures, shared = config.moa.cultures, config.shared_lora
         self.stage_data, self.eval_data = [], []
