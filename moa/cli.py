@@ -7,6 +7,7 @@ import sys
 
 VERBS = {
     "bench": "moa.bench.cli",
+    "demo": "moa.demo",
     "eval": "moa.eval.cli",
     "export": "moa.export",
     "generate": "moa.infer.cli",

@@ -1,0 +1,518 @@
+"""Run the whole pipeline on the embedded default (configs/demo/default.yaml), offline, on a CPU.
+
+Phases, each with its progress bar:
+  1. synth     culture-labelled task data from the offline backend          OUT/data/
+  2. pretrain  a byte-level BPE tokenizer and a tiny Llama pre-trained on the
+               bundled corpus (and the stage-1 text), so it is a language model OUT/base/
+  3. moa       culture adapters + router, stage 1 (broad) then stage 2 (tasks) OUT/moa/
+  4. shared    the shared-LoRA baseline: same data, same steps               OUT/shared/
+  5. eval      every method on the test split, which holds out whole norms   OUT/results.{json,md}, *.png
+  6. generate  one mixed-culture batch, routed by the router                 OUT/generations.jsonl
+Then it prints the results table, the accuracy on the held-out conflicting-norm questions, the
+routing accuracy and where the plots are. `--quick` is a small version of the same run (the
+tests use it). Everything is seeded by `--seed`.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from moa.data import CULTURES
+
+HELP = "run the whole pipeline offline on a CPU: synth, pretrain, train MoA and shared LoRA, eval, generate"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo" / "default.yaml"
+SECTIONS = {
+    "synth": None,  # checked by moa.synth.config
+    "tokenizer": {"vocab_size"},
+    "model": {"family", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads"},
+    "pretrain": {"steps", "batch_size", "seq_len", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "culture_weight",
+                 "retold_copies", "retold_facts", "cue_list_copies"},
+    "train": {"moa", "stages", "optim", "batch", "eval_rows"},
+    "eval": {"batch_size", "max_length"},
+    "generate": {"cultures", "max_new_tokens"},
+}
+STAGE_DATA = ("stage1", "stage2")
+SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2: the pad and eos ids of moa.tiny.tiny_config
+
+
+# ---------------------------------------------------------------------------------------------- config
+def _merge(base: dict, override: dict) -> dict:
+    """`override` merged into a copy of `base`: mappings merge key by key, anything else replaces."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_demo_config(path: str | Path = DEFAULT_CONFIG, quick: bool = False) -> dict:
+    """The demo config (with the `quick` overrides merged in when asked); unknown keys are errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"demo config {path} not found")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(SECTIONS) - {"quick"})
+    if unknown:
+        raise ValueError(f"{path}: unknown section(s) {unknown}; known: {sorted(SECTIONS) + ['quick']}")
+    quick_part = raw.pop("quick", None) or {}
+    config = _merge(raw, quick_part) if quick else raw
+    for section, known in SECTIONS.items():
+        if section not in config or not isinstance(config[section], dict):
+            raise ValueError(f"{path}: section {section!r} must be a mapping, got {config.get(section)!r}")
+        extra = sorted(set(config[section]) - known) if known is not None else []
+        if extra:
+            raise ValueError(f"{path}: unknown key(s) {extra} in {section!r}; known keys: {sorted(known)}")
+    for i, stage in enumerate(config["train"].get("stages") or []):
+        if not isinstance(stage, dict) or stage.get("data", STAGE_DATA[min(i, 1)]) not in STAGE_DATA:
+            raise ValueError(f"{path}: train.stages[{i}].data must be one of {STAGE_DATA}, got {stage!r}")
+    return config
+
+
+# ---------------------------------------------------------------------------------------------- phases
+def synthesize(config: dict, out_dir: Path, seed: int, progress: bool) -> dict:
+    """Phase 1: offline synthesis into out_dir (stage1_*.jsonl, stage2_*.jsonl, summary.json/png)."""
+    from moa.synth.config import load_config
+    from moa.synth.pipeline import run as run_synth
+    from moa.synth.report import plot_counts
+
+    synth = load_config(None, **{**config["synth"], "output_dir": str(out_dir), "seed": seed, "plot": True})
+    summary = run_synth(synth, fresh=True, progress=progress)
+    if summary["short_jobs"]:
+        raise RuntimeError(f"synthesis fell short of its targets: {summary['short_jobs']}")
+    plot_counts(summary, out_dir / "summary.png")
+    return summary
+
+
+def build_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer trained on `texts` (no chat template: the plain User/Assistant format)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if not isinstance(vocab_size, int) or vocab_size < 300:
+        raise ValueError(f"tokenizer.vocab_size must be an integer >= 300 (256 bytes + specials + merges), got {vocab_size!r}")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def retold_facts(rng, copies: int, per_text: int) -> list[tuple[str, str]]:
+    """(text, culture): the corpus facts of one culture retold in a random order under one cue.
+
+    The cue (country, city, personal name or both) comes first and the facts follow without
+    naming the culture again, so predicting them needs the culture read from the cue.
+    """
+    from moa.data import norms
+
+    texts = []
+    for key, c in norms.cultures().items():
+        facts = [q.fact.format(o=q.options[q.answers[key]]) for q in norms.questions() if key in q.answers]
+        facts += [f"it is {'considered' if t.labels[key] == 'offensive' else 'not considered'} offensive when someone {t.act}"
+                  for t in norms.taboos() if key in t.labels]
+        for _ in range(copies):
+            place, name = rng.choice(c.places), rng.choice(c.names)
+            cue = rng.choice([f"In {c.name}:", f"In {place}:", f"{name} explains local customs:",
+                              f"{name} in {place} explains local customs:"])
+            chosen = rng.sample(facts, min(per_text, len(facts)))
+            texts.append((cue + " " + " ".join(f[0].upper() + f[1:] + "." for f in chosen), key))
+    return texts
+
+
+def cue_lists(rng, copies: int) -> list[tuple[str, str]]:
+    """(text, culture): each culture's cities and personal names, in a random order."""
+    from moa.data import norms
+
+    texts = []
+    for key, c in norms.cultures().items():
+        for _ in range(copies):
+            places, names = rng.sample(c.places, len(c.places)), rng.sample(c.names, len(c.names))
+            texts.append((f"Cities in {c.name}: " + ", ".join(places) + ".", key))
+            texts.append((f"Common names in {c.name}: " + ", ".join(names) + ".", key))
+    return texts
+
+
+def pretrain_examples(config: dict, tokenizer, data_dir: Path, seed: int) -> list[tuple[list[int], bool, int]]:
+    """(token ids, LM loss on it?, culture id or -1) of every pre-training text.
+
+    Language modelling: the bundled corpus, its facts retold under cultural cues, the cue lists
+    and the stage-1 training rows. Culture identification only (no LM loss): the prompts of the
+    stage-2 training rows that carry a cue, as the router will see them.
+    """
+    import random
+
+    from moa.data import CULTURES, encode_example, encode_prompt, load_jsonl
+    from moa.data.norms import corpus
+
+    cfg, seq = config["pretrain"], config["pretrain"]["seq_len"]
+    rng = random.Random(seed)
+    texts = [(doc["text"], doc["culture"]) for doc in corpus()]
+    texts += retold_facts(rng, cfg["retold_copies"], cfg["retold_facts"]) + cue_lists(rng, cfg["cue_list_copies"])
+    eos = tokenizer.eos_token_id
+    examples = [(tokenizer(t, add_special_tokens=False)["input_ids"][:seq - 1] + [eos], True, CULTURES.index(c))
+                for t, c in texts]
+    examples += [(encode_example(tokenizer, r, seq)["input_ids"], True, CULTURES.index(r["culture"]))
+                 for r in load_jsonl(data_dir / "stage1_train.jsonl")]
+    examples += [(encode_prompt(tokenizer, r["prompt"])[-seq:], False, CULTURES.index(r["culture"]))
+                 for r in load_jsonl(data_dir / "stage2_train.jsonl") if r.get("cue", True)]
+    return examples
+
+
+def culture_loss(hidden_states, mask: torch.Tensor, cultures: torch.Tensor, heads) -> torch.Tensor:
+    """Culture identification from every decoder layer's input, read as the router reads it.
+
+    Per layer: the RMS-normalised hidden states averaged causally over the tokens so far, RMS-
+    normalised, then a linear head; cross-entropy against the text's culture on the second half
+    of each text (its cue is read by then). Averaged over layers.
+    """
+    import torch.nn.functional as F
+
+    length = mask.sum(1, keepdim=True)
+    position = torch.arange(mask.shape[1])[None, :]
+    supervised = (mask > 0) & (position >= length / 2) & (cultures[:, None] >= 0)
+    target = cultures[:, None].expand_as(mask)[supervised]
+    losses = []
+    for hidden, head in zip(hidden_states, heads):
+        h = F.rms_norm(hidden, hidden.shape[-1:]) * mask[..., None]
+        pooled = h.cumsum(1) / mask.cumsum(1).clamp(min=1)[..., None]
+        losses.append(F.cross_entropy(head(F.rms_norm(pooled, pooled.shape[-1:]))[supervised], target))
+    return torch.stack(losses).mean()
+
+
+def pretrain(config: dict, data_dir: Path, out_dir: Path, seed: int, progress: bool) -> list[dict]:
+    """Phase 2: tokenizer + tiny Llama, saved to out_dir (safetensors). Returns the loss per step.
+
+    Loss: next-token cross-entropy on the language-modelling texts plus `culture_weight` times
+    `culture_loss`, so that which culture a text is about can be read linearly from the hidden
+    states (as from a real pre-trained LLM); the culture heads are dropped afterwards.
+    """
+    from tqdm import tqdm
+
+    from moa.atomic import atomic_directory
+    from moa.data import load_jsonl
+    from moa.data.norms import corpus
+    from moa.tiny import tiny_model
+
+    cfg = config["pretrain"]
+    rows = load_jsonl(data_dir / "stage1_train.jsonl") + load_jsonl(data_dir / "stage2_train.jsonl")
+    tokenizer = build_tokenizer([d["text"] for d in corpus()] + [f"User: {r['prompt']}\nAssistant: {r['response']}" for r in rows],
+                                config["tokenizer"]["vocab_size"])
+    examples = pretrain_examples(config, tokenizer, data_dir, seed)
+    model = tiny_model(seed=seed, vocab_size=len(tokenizer), **config["model"]).train()
+    hidden, layers = model.config.hidden_size, model.config.num_hidden_layers
+    generator = torch.Generator().manual_seed(seed)
+    heads = torch.nn.ModuleList([torch.nn.Linear(hidden, len(CULTURES)) for _ in range(layers)])
+    params = list(model.parameters()) + list(heads.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg["lr"], betas=(0.9, 0.95), weight_decay=cfg["weight_decay"])
+    steps, batch, warmup = cfg["steps"], cfg["batch_size"], cfg["warmup_steps"]
+    history = []
+    bar = tqdm(range(steps), desc="pretrain", unit="step", disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        if step < warmup:
+            lr = cfg["lr"] * (step + 1) / (warmup + 1)
+        else:
+            done = (step - warmup) / max(steps - warmup - 1, 1)
+            lr = cfg["lr"] * (cfg["min_lr_ratio"] + (1 - cfg["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * done)))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        picked = [examples[i] for i in torch.randint(0, len(examples), (batch,), generator=generator).tolist()]
+        width = max(len(ids) for ids, _, _ in picked)
+        input_ids = torch.zeros(batch, width, dtype=torch.long)
+        mask = torch.zeros(batch, width)
+        for row, (ids, _, _) in enumerate(picked):
+            input_ids[row, :len(ids)] = torch.tensor(ids)
+            mask[row, :len(ids)] = 1
+        lm_rows = torch.tensor([lm for _, lm, _ in picked])
+        labels = input_ids.masked_fill((mask == 0) | ~lm_rows[:, None], -100)
+        out = model(input_ids=input_ids, attention_mask=mask.long(), labels=labels, output_hidden_states=True)
+        culture = culture_loss(out.hidden_states[:layers], mask, torch.tensor([c for _, _, c in picked]), heads)
+        loss = out.loss + cfg["culture_weight"] * culture
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        history.append({"step": step + 1, "lm_loss": out.loss.item(), "culture_loss": culture.item(), "lr": lr})
+        bar.set_postfix(lm=f"{history[-1]['lm_loss']:.3f}", culture=f"{history[-1]['culture_loss']:.3f}")
+    model.eval()
+    with atomic_directory(out_dir) as tmp:
+        model.save_pretrained(tmp)  # config.json + model.safetensors
+        tokenizer.save_pretrained(tmp)
+    return history
+
+
+def train_config(config: dict, base_dir: Path, data_dir: Path, out_dir: Path, cultures: list[str], seed: int,
+                 shared: bool):
+    """The moa.training config of phase 3 (MoA) or phase 4 (shared LoRA, `shared=True`)."""
+    from moa.training.config import TrainConfig
+
+    train = config["train"]
+    stages = []
+    for i, stage in enumerate(train["stages"]):
+        stage = dict(stage)
+        data = stage.pop("data", STAGE_DATA[min(i, 1)])
+        stage["train"] = str(data_dir / f"{data}_train.jsonl")
+        stage["validation"] = str(data_dir / f"{data}_validation.jsonl")
+        stages.append(stage)
+    total = sum(int(s.get("steps", 0)) for s in stages) or 1
+    data = {"model": {"path": str(base_dir)}, "moa": {**train["moa"], "cultures": cultures, "seed": seed},
+            "stages": stages, "optim": train.get("optim"), "batch": train.get("batch"), "shared_lora": shared,
+            "output_dir": str(out_dir), "save_interval": total, "keep_checkpoints": 1, "eval_rows": train["eval_rows"],
+            "seed": seed}
+    return TrainConfig.from_dict(data, source="demo config train")
+
+
+def train(config: dict, base_dir: Path, data_dir: Path, out_dir: Path, cultures: list[str], seed: int, shared: bool,
+          progress: bool) -> Path:
+    """Phases 3 and 4: one moa.training run; returns its final/ directory."""
+    from moa.training.trainer import Trainer
+
+    trainer = Trainer(train_config(config, base_dir, data_dir, out_dir, cultures, seed, shared), output_dir=out_dir,
+                      show_progress=progress)
+    return trainer.run()
+
+
+# ---------------------------------------------------------------------------------------------- results
+def subset_accuracy(correct: list[bool], rows: list[dict], cultures: list[str]) -> dict:
+    """Overall and per-culture accuracy of `correct` (one bool per row), with counts."""
+    share = lambda hits: sum(hits) / len(hits) if hits else None
+    per = {c: [ok for ok, r in zip(correct, rows) if r["culture"] == c] for c in cultures}
+    return {"overall": share(correct), "per_culture": {c: share(h) for c, h in per.items() if h}, "n": len(correct),
+            "n_per_culture": {c: len(h) for c, h in per.items() if h}}
+
+
+def held_out_conflicting(results: dict, rows: list[dict], routed: list[int]) -> dict:
+    """Accuracy of every method and routing accuracy on the test rows about conflicting norms.
+
+    `routed`: the router's culture id per test row (sequence level). Also given on the rows whose
+    prompt carries a cultural cue (`cue: true`), which are the rows the router can read a culture from.
+    """
+    from moa.data import LABELS
+    from moa.data.norms import conflicting_questions
+
+    cultures = results["cultures"]
+    conflicting = {q.id for q in conflicting_questions()}
+    label_rows = [r for r in rows if r["task"] in LABELS]
+    keep = [i for i, r in enumerate(label_rows) if r.get("norm") in conflicting]
+    cued = [i for i in keep if label_rows[i].get("cue", True)]
+    out = {"norms": sorted({rows[i].get("norm") for i in range(len(rows)) if rows[i].get("norm") in conflicting}),
+           "accuracy": {}, "accuracy_cued": {}}
+    for method, predicted in results["predictions"].items():
+        correct = [predicted[i] == label_rows[i].get("label", label_rows[i]["response"]) for i in range(len(label_rows))]
+        out["accuracy"][method] = subset_accuracy([correct[i] for i in keep], [label_rows[i] for i in keep], cultures)
+        out["accuracy_cued"][method] = subset_accuracy([correct[i] for i in cued], [label_rows[i] for i in cued], cultures)
+    gold = [cultures.index(r["culture"]) for r in rows]
+    rows_c = [i for i, r in enumerate(rows) if r.get("norm") in conflicting]
+    rows_cued = [i for i in rows_c if rows[i].get("cue", True)]
+    share = lambda idx: sum(routed[i] == gold[i] for i in idx) / len(idx) if idx else None
+    out.update(routing_accuracy=share(rows_c), routing_accuracy_cued=share(rows_cued), n_rows=len(rows_c),
+               n_rows_cued=len(rows_cued), n_label_rows=len(keep), n_label_rows_cued=len(cued))
+    return out
+
+
+def generation_rows(rows: list[dict], count: int) -> list[dict]:
+    """`count` cued `open` test prompts from different cultures, preferably about one conflicting norm."""
+    from moa.data.norms import conflicting_questions
+
+    conflicting = {q.id for q in conflicting_questions()}
+    open_rows = [r for r in rows if r["task"] == "open" and r.get("cue", True)]
+    by_norm = {}
+    for r in open_rows:
+        by_norm.setdefault(r.get("norm"), {}).setdefault(r["culture"], r)
+    ranked = sorted(by_norm.items(), key=lambda kv: (kv[0] not in conflicting, -len(kv[1]), str(kv[0])))
+    chosen, seen = [], set()
+    for _, per_culture in ranked:
+        for culture, row in per_culture.items():
+            if culture not in seen and len(chosen) < count:
+                chosen.append(row)
+                seen.add(culture)
+    return [{"id": r["id"], "prompt": r["prompt"], "culture": r["culture"], "reference": r["response"]} for r in chosen]
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def format_conflicting(block: dict, cultures: list[str]) -> str:
+    """The held-out conflicting-norm accuracy table (all rows and cued rows) in markdown."""
+    from moa.eval.scoring import METHODS
+
+    acc, cued = block["accuracy"], block["accuracy_cued"]
+    shown = [c for c in cultures if any(c in a["per_culture"] for a in acc.values())]
+    lines = [f"| method | all (n={block['n_label_rows']}) | cued (n={block['n_label_rows_cued']}) | " + " | ".join(shown) + " |",
+             "|" + "---|" * (3 + len(shown))]
+    for method in [m for m in METHODS if m in acc]:
+        a = acc[method]
+        lines.append(f"| {method} | {_pct(a['overall'])} | {_pct(cued[method]['overall'])} | "
+                     + " | ".join(_pct(a["per_culture"].get(c)) for c in shown) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- run
+def run_demo(output_dir: str | Path = "runs/demo", seed: int = 0, quick: bool = False, progress: bool = True,
+             config_path: str | Path = DEFAULT_CONFIG) -> dict:
+    """Every phase in order; returns the results (also written to OUT/results.json)."""
+    import torch
+
+    from moa.base_model import load_moa
+    from moa.data import load_jsonl, write_jsonl
+    from moa.eval import evaluate, format_markdown, route_rows, write_report
+    from moa.infer.generate import generate_rows
+
+    config = load_demo_config(config_path, quick)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    timings, start = {}, time.perf_counter()
+
+    def phase(name: str, began: float):
+        timings[name] = round(time.perf_counter() - began, 1)
+        print(f"[{name}] done in {timings[name]:.1f}s", flush=True)
+
+    torch.manual_seed(seed)
+    t = time.perf_counter()
+    print(f"[1/6 synth] offline backend -> {out / 'data'}", flush=True)
+    summary = synthesize(config, out / "data", seed, progress)
+    cultures = list(summary["counts"])
+    phase("synth", t)
+
+    t = time.perf_counter()
+    print(f"[2/6 pretrain] tiny {config['model']['family']} on the bundled corpus -> {out / 'base'}", flush=True)
+    history = pretrain(config, out / "data", out / "base", seed, progress)
+    (out / "base" / "pretrain_metrics.json").write_text(json.dumps(history) + "\n")
+    plot_pretrain(history, out / "pretrain.png")
+    phase("pretrain", t)
+
+    t = time.perf_counter()
+    print(f"[3/6 moa] culture adapters + router -> {out / 'moa'}", flush=True)
+    moa_dir = train(config, out / "base", out / "data", out / "moa", cultures, seed, shared=False, progress=progress)
+    phase("moa", t)
+
+    t = time.perf_counter()
+    print(f"[4/6 shared] shared-LoRA baseline -> {out / 'shared'}", flush=True)
+    shared_dir = train(config, out / "base", out / "data", out / "shared", cultures, seed, shared=True, progress=progress)
+    phase("shared", t)
+
+    t = time.perf_counter()
+    print("[5/6 eval] held-out test split (whole norms held out)", flush=True)
+    model, tokenizer = load_moa(moa_dir)
+    shared_model, _ = load_moa(shared_dir)
+    rows = load_jsonl(out / "data" / "stage2_test.jsonl", cultures=cultures)
+    ev = config["eval"]
+    results = evaluate(model, tokenizer, rows, shared_model=shared_model, batch_size=ev["batch_size"],
+                       max_length=ev["max_length"], progress=progress)
+    routed, _ = route_rows(model, tokenizer, rows, ev["batch_size"], ev["max_length"])
+    gold = [cultures.index(r["culture"]) for r in rows]
+    cued = [i for i, r in enumerate(rows) if r.get("cue", True)]
+    results["routing_accuracy_cued"] = sum(routed[i] == gold[i] for i in cued) / len(cued) if cued else None
+    results["n_rows_cued"] = len(cued)
+    results["held_out_conflicting"] = held_out_conflicting(results, rows, routed)
+    phase("eval", t)
+
+    t = time.perf_counter()
+    print("[6/6 generate] one mixed-culture batch, router routing", flush=True)
+    prompts = generation_rows(rows, config["generate"]["cultures"])
+    generations = generate_rows(model, tokenizer, prompts, routing="router", max_new_tokens=config["generate"]["max_new_tokens"],
+                                progress=progress)
+    for g, p in zip(generations, prompts):
+        g["reference"] = p["reference"]
+    write_jsonl(out / "generations.jsonl", generations)
+    phase("generate", t)
+
+    timings["total"] = round(time.perf_counter() - start, 1)
+    results.update(seed=seed, quick=quick, timings=timings, test_norms=summary["test_norms"],
+                   runs={"base": str(out / "base"), "moa": str(moa_dir), "shared": str(shared_dir)})
+    paths = write_report(results, out)
+    print_summary(results, generations, paths, out)
+    return results
+
+
+def plot_pretrain(history: list[dict], path: Path) -> None:
+    """The pre-training LM loss and culture-identification loss against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    steps = [h["step"] for h in history]
+    ax.plot(steps, [h["lm_loss"] for h in history], label="LM loss")
+    ax.plot(steps, [h["culture_loss"] for h in history], label="culture loss")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_title("pre-training on the bundled corpus")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def print_summary(results: dict, generations: list[dict], paths: dict, out: Path) -> None:
+    from moa.eval import format_markdown
+
+    block = results["held_out_conflicting"]
+    print()
+    print(format_markdown(results))
+    print(f"## Held-out conflicting-norm questions ({len(block['norms'])} norms: {', '.join(block['norms'])})")
+    print()
+    print("Label accuracy (%), all rows and rows whose prompt carries a cultural cue:")
+    print()
+    print(format_conflicting(block, results["cultures"]))
+    print()
+    print(f"Router sequence-level accuracy on these questions: {_pct(block['routing_accuracy_cued'])}% on the "
+          f"{block['n_rows_cued']} cued rows, {_pct(block['routing_accuracy'])}% on all {block['n_rows']} rows "
+          f"(cue-free prompts name no culture).")
+    print(f"Router sequence-level accuracy on the whole test split: {_pct(results['routing_accuracy_cued'])}% on the "
+          f"{results['n_rows_cued']} cued rows, {_pct(results['routing_accuracy'])}% on all {results['n_rows']} rows.")
+    print()
+    print("## Mixed-culture batch (one generate call, router routing)")
+    print()
+    for g in generations:
+        print(f"- [{g['culture']} -> routed {g['router_choice']} ({g['router_confidence']:.2f})] {g['prompt']}")
+        print(f"    model:     {g['text'].strip()}")
+        print(f"    reference: {g['reference']}")
+    print()
+    plots = [paths.get("accuracy"), paths.get("confusion"), paths.get("routing_by_position"), out / "moa" / "metrics.png",
+             out / "shared" / "metrics.png", out / "pretrain.png", out / "data" / "summary.png"]
+    print("Plots: " + ", ".join(str(p) for p in plots if p is not None))
+    print(f"Results: {paths['json']}, {paths['markdown']}; generations: {out / 'generations.jsonl'}")
+    timings = results["timings"]
+    print("Wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output-dir", default="runs/demo", help="where every phase writes (replaced phase by phase)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of synthesis, initialisation and training")
+    parser.add_argument("--quick", action="store_true", help="a small version (about 2 minutes; no quality targets)")
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="demo config YAML")
+    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+
+def run(args) -> int:
+    try:
+        run_demo(args.output_dir, seed=args.seed, quick=args.quick, progress=not args.no_progress, config_path=args.config)
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"moa demo: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="moa demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
