@@ -43,12 +43,17 @@ class AdapterPlan:
         return self.sorted_slot.numel()
 
     @cached_property
-    def in_token_order(self) -> bool:
-        """True when every token has exactly one adapter and the tokens are already grouped by it
-        (e.g. a batch whose rows are sorted by culture): the sorted order is the identity."""
-        if self.top_k != 1 or self.num_assignments != self.num_tokens:
-            return False
-        return bool(torch.equal(self.sorted_token, torch.arange(self.num_tokens, device=self.ids.device)))
+    def token_runs(self) -> list[tuple[int, int, int]] | None:
+        """Maximal runs of consecutive tokens with the same single adapter, as (adapter, start, count)
+        in token order (adapter -1: no adapter); None when tokens have more than one slot. A prefill
+        batch in oracle routing has one run per row, a batch sorted by culture one per culture."""
+        if self.top_k != 1 or self.num_tokens == 0:
+            return None
+        flat = self.ids[:, 0]
+        starts = torch.cat([flat.new_zeros(1), torch.nonzero(flat[1:] != flat[:-1]).flatten() + 1]).tolist()
+        ends = starts[1:] + [self.num_tokens]
+        adapters = flat[starts].tolist()
+        return [(a, s, e - s) for a, s, e in zip(adapters, starts, ends)]
 
     @property
     def max_count(self) -> int:

@@ -7,9 +7,10 @@ plain differentiable torch ops (autograd gives grad x, A, B and weights):
   ops however many adapters the batch mixes (decode: few tokens per adapter); the groups are all
   K adapters when at least half are used (no copy of the weights), else the used ones;
 * segmented: one pair of matmuls per used adapter over its contiguous slice (prefill and
-  training: many tokens per adapter, where padding would waste work). When the tokens are
-  already grouped by adapter (`plan.in_token_order`, e.g. training rows sorted by culture) the
-  slices are taken from x directly and the result added without a gather or scatter.
+  training: many tokens per adapter, where padding would waste work). When the tokens come in
+  few runs of one adapter (`plan.token_runs`: a row per run in oracle prefill, a culture per run
+  in training batches sorted by culture) the slices are taken from x in token order and the
+  result added without a gather or scatter.
 
 `use_padded` picks the one with less work, counting a launched op as `OP_COST` multiply-adds.
 The LoRA output is accumulated into `base_out` in place when it is given and autograd is not
@@ -53,16 +54,34 @@ def _padded(x, lora_a, lora_b, plan: AdapterPlan, coef):
     return index, torch.bmm(h, b.transpose(1, 2)).reshape(index.shape[0], -1)
 
 
+def _runs(plan: AdapterPlan):
+    """The token-order runs when there are few enough of them to beat a gather and scatter, else None."""
+    runs = plan.token_runs
+    return runs if runs is not None and len(runs) <= 2 * max(len(plan.adapters), 1) else None
+
+
 def _segmented(x, lora_a, lora_b, plan: AdapterPlan, coef):
-    """[N] token index (None: token order) and [N, d_out] LoRA outputs, one matmul pair per used adapter."""
-    xs = x if plan.in_token_order else x.index_select(0, plan.sorted_token)
+    """[N] token index (None: every token, in token order) and the LoRA outputs, one matmul pair per segment."""
+    runs = _runs(plan)
+    if runs is not None:  # slices of x in token order: no gather, no scatter
+        if isinstance(coef, torch.Tensor):  # per-assignment factors, sorted order -> token order
+            coef = coef.new_zeros(plan.num_tokens).index_copy(0, plan.sorted_token, coef)
+        pieces = []
+        for adapter, start, count in runs:
+            if adapter < 0:
+                pieces.append(x.new_zeros(count, lora_b.shape[1], dtype=lora_b.dtype))
+                continue
+            h = x[start : start + count] @ lora_a[adapter].t()
+            h = h * (coef[start : start + count, None] if isinstance(coef, torch.Tensor) else coef)
+            pieces.append(h @ lora_b[adapter].t())
+        return None, torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+    xs = x.index_select(0, plan.sorted_token)
     pieces = []
     for adapter, start, count in zip(plan.adapters, plan.offsets, plan.counts):
         h = xs[start : start + count] @ lora_a[adapter].t()
         h = h * (coef[start : start + count, None] if isinstance(coef, torch.Tensor) else coef)
         pieces.append(h @ lora_b[adapter].t())
-    index = None if plan.in_token_order else plan.sorted_token
-    return index, torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+    return plan.sorted_token, torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
 
 def multi_lora_torch(x, lora_a, lora_b, plan: AdapterPlan, weights=None, scaling=1.0, base_out=None):

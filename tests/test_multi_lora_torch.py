@@ -93,22 +93,26 @@ def test_few_of_many_adapters_used(layout):
     torch.testing.assert_close(multi_lora(x, a, b, plan, weights=w, scaling=scaling, base_out=base.clone()), want)
 
 
-@pytest.mark.parametrize("ids", [[0, 0, 0, 1, 1, 2, 2, 2, 2], [1, 1, 1, 1, 1, 1, 1, 1, 1]])
-def test_tokens_already_grouped_skip_the_gather(layout, ids):
-    """Rows sorted by culture (as training batches are): the same values and gradients, no reorder."""
+@pytest.mark.parametrize("ids, runs", [
+    ([0, 0, 0, 1, 1, 2, 2, 2, 2], [(0, 0, 3), (1, 3, 2), (2, 5, 4)]),  # rows sorted by culture, as in training
+    ([1, 1, 1, 1, 1, 1, 1, 1, 1], [(1, 0, 9)]),
+    ([2, 2, 2, 0, 0, 0, -1, -1, 2], [(2, 0, 3), (0, 3, 3), (-1, 6, 2), (2, 8, 1)]),  # oracle prefill: a run per row
+])
+@pytest.mark.parametrize("scaling", [0.7, torch.tensor([0.5, 1.5, 2.0], dtype=torch.float64)])
+def test_tokens_in_runs_skip_the_gather(layout, ids, runs, scaling):
+    """Tokens in few runs of one adapter: the same values and gradients as the definition, no reorder."""
     x, a, b, _, _, base, _ = make_inputs(9, 3, 4, 11, 7)
     ids = torch.tensor(ids)
     plan = plan_adapters(ids, 3)
-    assert plan.in_token_order and not plan_adapters(ids.flip(0) if ids.unique().numel() > 1 else
-                                                     torch.tensor([1] * 8 + [-1]), 3).in_token_order
+    assert plan.token_runs == runs and plan_adapters(ids[:, None].repeat(1, 2), 3).token_runs is None
     x, a, b = (t.clone().requires_grad_() for t in (x, a, b))
-    got = multi_lora(x, a, b, plan, scaling=0.7, base_out=base)
+    got = multi_lora(x, a, b, plan, scaling=scaling, base_out=base)
     grads = torch.autograd.grad(got.square().sum(), (x, a, b))
-    want = multi_lora_naive(x, a, b, ids, scaling=0.7, base_out=base)
+    want = multi_lora_naive(x, a, b, ids, scaling=scaling, base_out=base)
     torch.testing.assert_close(got, want)
     for g, w in zip(grads, torch.autograd.grad(want.square().sum(), (x, a, b))):
         torch.testing.assert_close(g, w)
     with torch.no_grad():
         out = base.clone()
-        assert multi_lora(x, a, b, plan, scaling=0.7, base_out=out) is out
+        assert multi_lora(x, a, b, plan, scaling=scaling, base_out=out) is out
         torch.testing.assert_close(out, want)
