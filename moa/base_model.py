@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from moa.config import from_mapping
 
 BASE_MODEL_NAME = "base_model.json"
 QUANTIZATIONS = (None, "nf4", "fp4", "int8")
@@ -51,13 +53,7 @@ class BaseModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "model") -> "BaseModelConfig":
-        if not isinstance(data, dict):
-            raise ValueError(f"{source}: expected a mapping, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown key(s) {unknown}; known keys: {sorted(known)}")
-        return cls(**data)
+        return from_mapping(cls, data, source)
 
 
 def _quantization_config(spec: BaseModelConfig):

@@ -8,6 +8,22 @@ from pathlib import Path
 import yaml
 
 ROUTING_MODES = ("oracle", "router", "topk")
+
+
+def from_mapping(cls, data, source: str):
+    """`cls(**data)` for a config dataclass, refusing a non-mapping and unknown keys, naming `source`."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{source}: expected a mapping, got {type(data).__name__} {data!r}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{source}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+    try:
+        return cls(**data)
+    except TypeError as err:
+        raise ValueError(f"{source}: {err}") from None
 TRAIN_ROUTING = ("gold", "router")
 
 

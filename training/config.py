@@ -13,26 +13,11 @@ from pathlib import Path
 import yaml
 
 from moa.base_model import BaseModelConfig
-from moa.config import MoAConfig
+from moa.config import MoAConfig, from_mapping
 
 SAMPLING = ("uniform", "proportional")
 PRECISIONS = ("fp32", "bf16", "fp16")
 SCHEDULES = ("cosine", "linear", "constant")
-
-
-def _from_mapping(cls, data, source: str):
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{source}: expected a mapping, got {type(data).__name__} {data!r}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ValueError(f"{source}: unknown key(s) {unknown}; known keys: {sorted(known)}")
-    try:
-        return cls(**data)
-    except TypeError as err:
-        raise ValueError(f"{source}: {err}") from None
 
 
 def _positive_int(value, name):
@@ -193,13 +178,13 @@ class TrainConfig:
                 raise ValueError(f"stages must be a list, got {data['stages']!r}")
             stages = []
             for i, stage in enumerate(data["stages"]):
-                stage = _from_mapping(StageConfig, stage, f"{source}: stages[{i}]")
+                stage = from_mapping(StageConfig, stage, f"{source}: stages[{i}]")
                 stage.train = [resolve(p) for p in stage.train]
                 stage.validation = [resolve(p) for p in stage.validation]
                 stages.append(stage)
             data["stages"] = stages
-            data["optim"] = _from_mapping(OptimConfig, data.get("optim"), f"{source}: optim")
-            data["batch"] = _from_mapping(BatchConfig, data.get("batch"), f"{source}: batch")
+            data["optim"] = from_mapping(OptimConfig, data.get("optim"), f"{source}: optim")
+            data["batch"] = from_mapping(BatchConfig, data.get("batch"), f"{source}: batch")
             if data.get("deepspeed"):
                 data["deepspeed"] = resolve(data["deepspeed"])
             return cls(**data)
