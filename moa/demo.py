@@ -25,8 +25,6 @@ from pathlib import Path
 import torch
 import yaml
 
-from moa.data import CULTURES
-
 HELP = "run the whole pipeline offline on a CPU: synth, pretrain, train MoA and shared LoRA, eval, generate"
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo" / "default.yaml"
 SECTIONS = {
@@ -34,7 +32,7 @@ SECTIONS = {
     "tokenizer": {"vocab_size"},
     "model": {"family", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
               "num_key_value_heads"},
-    "pretrain": {"steps", "batch_size", "seq_len", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "culture_weight",
+    "pretrain": {"steps", "batch_size", "seq_len", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "culture_batch_size", "culture_weight",
                  "retold_copies", "retold_facts", "cue_list_copies"},
     "train": {"moa", "stages", "optim", "batch", "eval_rows"},
     "eval": {"batch_size", "max_length"},
@@ -109,34 +107,39 @@ def build_tokenizer(texts: list[str], vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
-def retold_facts(rng, copies: int, per_text: int) -> list[tuple[str, str]]:
-    """(text, culture): the corpus facts of one culture retold in a random order under one cue.
+def retold_facts(rng, cultures: list[str], copies: int, per_text: int) -> list[tuple[str, str]]:
+    """(text, culture): a culture's corpus facts retold in a random order under one cue.
 
     The cue (country, city, personal name or both) comes first and the facts follow without
-    naming the culture again, so predicting them needs the culture read from the cue.
+    naming the culture again, so predicting them needs the culture read from the cue. Each fact
+    is told in one of the norms table's two phrasings: the custom ("full names are usually
+    written ...") or someone following it ("someone writes their full name ...").
     """
     from moa.data import norms
 
     texts = []
-    for key, c in norms.cultures().items():
-        facts = [q.fact.format(o=q.options[q.answers[key]]) for q in norms.questions() if key in q.answers]
-        facts += [f"it is {'considered' if t.labels[key] == 'offensive' else 'not considered'} offensive when someone {t.act}"
+    for key in cultures:
+        c = norms.cultures()[key]
+        facts = [(q.fact.format(o=q.options[q.answers[key]]), "someone " + q.act.format(o=q.options[q.answers[key]]))
+                 for q in norms.questions() if key in q.answers]
+        facts += [(f"it is {'considered' if t.labels[key] == 'offensive' else 'not considered'} offensive when someone {t.act}",) * 2
                   for t in norms.taboos() if key in t.labels]
         for _ in range(copies):
             place, name = rng.choice(c.places), rng.choice(c.names)
             cue = rng.choice([f"In {c.name}:", f"In {place}:", f"{name} explains local customs:",
                               f"{name} in {place} explains local customs:"])
-            chosen = rng.sample(facts, min(per_text, len(facts)))
+            chosen = [rng.choice(forms) for forms in rng.sample(facts, min(per_text, len(facts)))]
             texts.append((cue + " " + " ".join(f[0].upper() + f[1:] + "." for f in chosen), key))
     return texts
 
 
-def cue_lists(rng, copies: int) -> list[tuple[str, str]]:
+def cue_lists(rng, cultures: list[str], copies: int) -> list[tuple[str, str]]:
     """(text, culture): each culture's cities and personal names, in a random order."""
     from moa.data import norms
 
     texts = []
-    for key, c in norms.cultures().items():
+    for key in cultures:
+        c = norms.cultures()[key]
         for _ in range(copies):
             places, names = rng.sample(c.places, len(c.places)), rng.sample(c.names, len(c.names))
             texts.append((f"Cities in {c.name}: " + ", ".join(places) + ".", key))
@@ -144,30 +147,30 @@ def cue_lists(rng, copies: int) -> list[tuple[str, str]]:
     return texts
 
 
-def pretrain_examples(config: dict, tokenizer, data_dir: Path, seed: int) -> list[tuple[list[int], bool, int]]:
-    """(token ids, LM loss on it?, culture id or -1) of every pre-training text.
+def pretrain_examples(config: dict, tokenizer, data_dir: Path, cultures: list[str], seed: int):
+    """Two lists of (token ids, culture id or -1): language-modelling texts and culture-only prompts.
 
-    Language modelling: the bundled corpus, its facts retold under cultural cues, the cue lists
-    and the stage-1 training rows. Culture identification only (no LM loss): the prompts of the
-    stage-2 training rows that carry a cue, as the router will see them.
+    Language modelling: the bundled corpus of the demo's cultures, its facts retold under
+    cultural cues, the cue lists and the stage-1 training rows. Culture identification only (no
+    LM loss): the prompts of the stage-2 training rows that carry a cue, as the router sees them.
     """
     import random
 
-    from moa.data import CULTURES, encode_example, encode_prompt, load_jsonl
+    from moa.data import encode_example, encode_prompt, load_jsonl
     from moa.data.norms import corpus
 
     cfg, seq = config["pretrain"], config["pretrain"]["seq_len"]
     rng = random.Random(seed)
-    texts = [(doc["text"], doc["culture"]) for doc in corpus()]
-    texts += retold_facts(rng, cfg["retold_copies"], cfg["retold_facts"]) + cue_lists(rng, cfg["cue_list_copies"])
+    texts = [(doc["text"], doc["culture"]) for doc in corpus() if doc["culture"] in cultures]
+    texts += retold_facts(rng, cultures, cfg["retold_copies"], cfg["retold_facts"])
+    texts += cue_lists(rng, cultures, cfg["cue_list_copies"])
     eos = tokenizer.eos_token_id
-    examples = [(tokenizer(t, add_special_tokens=False)["input_ids"][:seq - 1] + [eos], True, CULTURES.index(c))
-                for t, c in texts]
-    examples += [(encode_example(tokenizer, r, seq)["input_ids"], True, CULTURES.index(r["culture"]))
-                 for r in load_jsonl(data_dir / "stage1_train.jsonl")]
-    examples += [(encode_prompt(tokenizer, r["prompt"])[-seq:], False, CULTURES.index(r["culture"]))
-                 for r in load_jsonl(data_dir / "stage2_train.jsonl") if r.get("cue", True)]
-    return examples
+    lm = [(tokenizer(t, add_special_tokens=False)["input_ids"][:seq - 1] + [eos], cultures.index(c)) for t, c in texts]
+    lm += [(encode_example(tokenizer, r, seq)["input_ids"], cultures.index(r["culture"]))
+           for r in load_jsonl(data_dir / "stage1_train.jsonl")]
+    prompts = [(encode_prompt(tokenizer, r["prompt"])[-seq:], cultures.index(r["culture"]))
+               for r in load_jsonl(data_dir / "stage2_train.jsonl") if r.get("cue", True)]
+    return lm, prompts
 
 
 def culture_loss(hidden_states, mask: torch.Tensor, cultures: torch.Tensor, heads) -> torch.Tensor:
@@ -191,12 +194,13 @@ def culture_loss(hidden_states, mask: torch.Tensor, cultures: torch.Tensor, head
     return torch.stack(losses).mean()
 
 
-def pretrain(config: dict, data_dir: Path, out_dir: Path, seed: int, progress: bool) -> list[dict]:
-    """Phase 2: tokenizer + tiny Llama, saved to out_dir (safetensors). Returns the loss per step.
+def pretrain(config: dict, data_dir: Path, out_dir: Path, cultures: list[str], seed: int, progress: bool) -> list[dict]:
+    """Phase 2: tokenizer + tiny Llama, saved to out_dir (safetensors). Returns the losses per step.
 
-    Loss: next-token cross-entropy on the language-modelling texts plus `culture_weight` times
-    `culture_loss`, so that which culture a text is about can be read linearly from the hidden
-    states (as from a real pre-trained LLM); the culture heads are dropped afterwards.
+    Every step takes `batch_size` language-modelling texts and `culture_batch_size` prompts. Loss:
+    next-token cross-entropy on the texts plus `culture_weight` times `culture_loss` on both, so
+    that which culture a text is about can be read linearly from the hidden states, as from a
+    real pre-trained LLM. The culture heads are dropped afterwards.
     """
     from tqdm import tqdm
 
@@ -209,14 +213,14 @@ def pretrain(config: dict, data_dir: Path, out_dir: Path, seed: int, progress: b
     rows = load_jsonl(data_dir / "stage1_train.jsonl") + load_jsonl(data_dir / "stage2_train.jsonl")
     tokenizer = build_tokenizer([d["text"] for d in corpus()] + [f"User: {r['prompt']}\nAssistant: {r['response']}" for r in rows],
                                 config["tokenizer"]["vocab_size"])
-    examples = pretrain_examples(config, tokenizer, data_dir, seed)
+    texts, prompts = pretrain_examples(config, tokenizer, data_dir, cultures, seed)
     model = tiny_model(seed=seed, vocab_size=len(tokenizer), **config["model"]).train()
     hidden, layers = model.config.hidden_size, model.config.num_hidden_layers
-    generator = torch.Generator().manual_seed(seed)
-    heads = torch.nn.ModuleList([torch.nn.Linear(hidden, len(CULTURES)) for _ in range(layers)])
+    heads = torch.nn.ModuleList([torch.nn.Linear(hidden, len(cultures)) for _ in range(layers)])
     params = list(model.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg["lr"], betas=(0.9, 0.95), weight_decay=cfg["weight_decay"])
-    steps, batch, warmup = cfg["steps"], cfg["batch_size"], cfg["warmup_steps"]
+    generator = torch.Generator().manual_seed(seed)
+    steps, warmup = cfg["steps"], cfg["warmup_steps"]
     history = []
     bar = tqdm(range(steps), desc="pretrain", unit="step", disable=not progress, dynamic_ncols=True)
     for step in bar:
@@ -227,17 +231,19 @@ def pretrain(config: dict, data_dir: Path, out_dir: Path, seed: int, progress: b
             lr = cfg["lr"] * (cfg["min_lr_ratio"] + (1 - cfg["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * done)))
         for group in optimizer.param_groups:
             group["lr"] = lr
-        picked = [examples[i] for i in torch.randint(0, len(examples), (batch,), generator=generator).tolist()]
-        width = max(len(ids) for ids, _, _ in picked)
-        input_ids = torch.zeros(batch, width, dtype=torch.long)
-        mask = torch.zeros(batch, width)
-        for row, (ids, _, _) in enumerate(picked):
+        picked = [texts[i] for i in torch.randint(0, len(texts), (cfg["batch_size"],), generator=generator).tolist()]
+        n_lm = len(picked)
+        picked += [prompts[i] for i in torch.randint(0, len(prompts), (cfg["culture_batch_size"],), generator=generator).tolist()]
+        width = max(len(ids) for ids, _ in picked)
+        input_ids = torch.zeros(len(picked), width, dtype=torch.long)
+        mask = torch.zeros(len(picked), width)
+        for row, (ids, _) in enumerate(picked):
             input_ids[row, :len(ids)] = torch.tensor(ids)
             mask[row, :len(ids)] = 1
-        lm_rows = torch.tensor([lm for _, lm, _ in picked])
-        labels = input_ids.masked_fill((mask == 0) | ~lm_rows[:, None], -100)
+        labels = input_ids.masked_fill(mask == 0, -100)
+        labels[n_lm:] = -100  # the prompts are read for their culture only
         out = model(input_ids=input_ids, attention_mask=mask.long(), labels=labels, output_hidden_states=True)
-        culture = culture_loss(out.hidden_states[:layers], mask, torch.tensor([c for _, _, c in picked]), heads)
+        culture = culture_loss(out.hidden_states[:layers], mask, torch.tensor([c for _, c in picked]), heads)
         loss = out.loss + cfg["culture_weight"] * culture
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -388,7 +394,7 @@ def run_demo(output_dir: str | Path = "runs/demo", seed: int = 0, quick: bool = 
 
     t = time.perf_counter()
     print(f"[2/6 pretrain] tiny {config['model']['family']} on the bundled corpus -> {out / 'base'}", flush=True)
-    history = pretrain(config, out / "data", out / "base", seed, progress)
+    history = pretrain(config, out / "data", out / "base", cultures, seed, progress)
     (out / "base" / "pretrain_metrics.json").write_text(json.dumps(history) + "\n")
     plot_pretrain(history, out / "pretrain.png")
     phase("pretrain", t)

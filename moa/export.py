@@ -27,11 +27,13 @@ ROUTER_FILE = "router.safetensors"
 MANIFEST_FILE = "manifest.json"
 
 ROUTER_HOW_TO_APPLY = {
-    "gate": "Per decoder layer l (in order, routers.<l>): let x_t be the hidden state entering layer l at position t "
-            "(the residual stream, before the layer's own input norm) and m_t the attention mask (1 token, 0 padding). "
+    "gate": "Per decoder layer l (in order, routers.<l>): let x_t be the hidden state entering the first decoder layer "
+            "at position t (the token embeddings; every layer's gate reads this same input) and m_t the attention mask "
+            "(1 token, 0 padding). "
             "h_t = rms_norm(x_t) without weight, in float32 (eps = float32 machine epsilon); "
-            "p_t = sum_{s<=t} m_s h_s / max(sum_{s<=t} m_s, 1), the causal mean over the non-padding tokens so far "
-            "(under a KV cache keep the running sums); "
+            "score_s = 10 * tanh(routers.<l>.score.weight @ h_s / 10), w_s = m_s * exp(score_s - 10); "
+            "p_t = sum_{s<=t} w_s h_s / sum_{s<=t} w_s, the attention-weighted causal mean over the non-padding tokens "
+            "so far (under a KV cache keep the two running sums); "
             "logits_t = routers.<l>.gate.weight @ rms_norm(p_t) + routers.<l>.gate.bias, one logit per culture (id order).",
     "token_routing": "router: every adapted projection of layer l applies, for token t, the adapter of culture "
                      "argmax(logits_t); topk: softmax(logits_t), keep the k largest, renormalise them to sum to 1 and add "

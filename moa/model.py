@@ -31,7 +31,13 @@ class MoACausalLMOutput(ModelOutput):
 
 
 class MoADecoderLayer(nn.Module):
-    """A decoder layer behind its culture gate: route the tokens, then run the layer with that plan."""
+    """A decoder layer behind its culture gate: route the tokens, then run the layer with that plan.
+
+    Every layer's gate reads the input of the first decoder layer (the token embeddings), not its
+    own input: below layer l the adapters already chosen have written their culture into the
+    residual stream, and a gate reading it would learn to follow them (under gold routing in
+    training it reads the answer) instead of the text's cues.
+    """
 
     def __init__(self, layer: nn.Module, router: TokenRouter, owner: object):
         super().__init__()
@@ -48,7 +54,9 @@ class MoADecoderLayer(nn.Module):
             plan, weights = call.oracle_plan(batch, seq, hidden_states.device), None
         else:
             mask = call.attention_mask[:, -seq:] if call.attention_mask is not None else None
-            logits = self.router(hidden_states, mask, kwargs.get("past_key_values"))
+            if self.router.layer_index == 0:
+                call.router_input = hidden_states
+            logits = self.router(call.router_input, mask, kwargs.get("past_key_values"))
             if call.collect_logits:
                 call.router_logits.append(logits)
             plan, weights = call.route(logits)

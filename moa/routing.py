@@ -34,6 +34,7 @@ class RoutingCall:
     collect_logits: bool = True
     router_logits: list = field(default_factory=list)  # per layer [B, S, K]
     active: tuple | None = None  # (plan, weights) of the decoder layer running now
+    router_input: torch.Tensor | None = None  # hidden states entering the first decoder layer, this step
     _oracle_plans: dict = field(default_factory=dict)
 
     def oracle_plan(self, batch: int, seq: int, device) -> AdapterPlan:
@@ -109,34 +110,48 @@ def _replay(call: RoutingCall | None, active):
 class TokenRouter(nn.Module):
     """Per-layer gate: culture logits for every token.
 
-    It reads the layer's input hidden states, RMS-normalised and averaged causally over the
-    tokens so far (padding excluded), so even the first layer, whose input is just the token
-    embedding, sees the cultural cues earlier in the sequence. Under a KV cache the running sum
-    is kept on the cache object, so decoding one token at a time gives the same logits as a
-    full forward.
+    It reads hidden states (the decoder stack's input, see `MoADecoderLayer`), RMS-normalised, and pools them causally over the
+    tokens so far (padding excluded) with learned attention weights: token s gets weight
+    exp(score_s), score_s = C·tanh(w·h_s / C), so the pool can settle on the tokens that name a
+    culture (a city, a personal name) instead of averaging them away, and even the first layer,
+    whose input is just the token embedding, sees the cues earlier in the sequence. The linear
+    gate reads the RMS-normalised pool. `score` starts at zero (a plain prefix mean). Scores are
+    bounded by C, so the weighted sums need no running maximum; under a KV cache they are kept on
+    the cache object, and decoding one token at a time gives the same logits as a full forward.
     """
+
+    SCORE_BOUND = 10.0
 
     def __init__(self, hidden_size: int, num_cultures: int, layer_index: int):
         super().__init__()
         self.layer_index = layer_index
+        self.score = nn.Linear(hidden_size, 1, bias=False)
+        nn.init.zeros_(self.score.weight)
         self.gate = nn.Linear(hidden_size, num_cultures, bias=True)
         nn.init.normal_(self.gate.weight, std=hidden_size**-0.5)
         nn.init.zeros_(self.gate.bias)
 
+    def pool_weights(self, h: torch.Tensor) -> torch.Tensor:
+        """[B, S]: exp(score) of RMS-normalised hidden states h, in (e^-2C, 1]."""
+        c = self.SCORE_BOUND
+        score = c * torch.tanh(F.linear(h, self.score.weight.float()).squeeze(-1) / c)
+        return torch.exp(score - c)
+
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None, cache=None) -> torch.Tensor:
         h = F.rms_norm(hidden.float(), hidden.shape[-1:])
         m = torch.ones(h.shape[:2], device=h.device) if mask is None else mask.to(h.device, torch.float32)
-        total = torch.cumsum(h * m[..., None], dim=1)
-        count = torch.cumsum(m, dim=1)
+        w = self.pool_weights(h) * m
+        total = torch.cumsum(h * w[..., None], dim=1)
+        weight = torch.cumsum(w, dim=1)
         store = _router_store(cache)
         if store is not None and cache.get_seq_length(self.layer_index) > 0:
             if self.layer_index not in store:
                 raise RuntimeError("KV cache holds past tokens but no router state: pass the cache produced by this MoA model")
-            past_total, past_count = store[self.layer_index]
-            total, count = total + past_total[:, None], count + past_count[:, None]
+            past_total, past_weight = store[self.layer_index]
+            total, weight = total + past_total[:, None], weight + past_weight[:, None]
         if store is not None:
-            store[self.layer_index] = (total[:, -1].detach(), count[:, -1].detach())
-        pooled = total / count.clamp(min=1.0)[..., None]
+            store[self.layer_index] = (total[:, -1].detach(), weight[:, -1].detach())
+        pooled = total / weight.clamp(min=torch.finfo(torch.float32).tiny)[..., None]
         return self.gate(F.rms_norm(pooled, pooled.shape[-1:]).to(self.gate.weight.dtype))
 
 

@@ -25,11 +25,14 @@ def write_peft_adapters(base, out_dir, names, r=4, alpha=8, targets=TARGETS, see
 
 
 def randomize_adapters(model, std=0.05, seed=0):
-    """Give every culture slot non-zero, distinct LoRA weights (B starts at zero)."""
+    """Give every culture slot non-zero, distinct LoRA weights (B starts at zero), and every
+    router a non-zero pooling score (it starts at zero, a plain prefix mean)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for layer in model.lora_layers.values():
             layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * std)
+        for router in model.routers:
+            router.score.weight.copy_(torch.randn(router.score.weight.shape, generator=g))
 
 
 def fresh_base(family="llama", seed=0, **kw):

@@ -86,8 +86,10 @@ def test_router_formula_as_described(moa_model, peft_dir):
     want = oracle(moa_model, culture, labels=ids).router_logits  # labels: the gates run under oracle routing
     m = mask.float()[..., None]
     for layer in range(len(want)):
-        h = F.rms_norm(hidden[layer].float(), hidden[layer].shape[-1:])
-        pooled = (h * m).cumsum(1) / m.cumsum(1).clamp(min=1)
+        h = F.rms_norm(hidden[0].float(), hidden[0].shape[-1:])  # every gate reads the first layer's input
+        score = 10 * torch.tanh(h @ router[f"routers.{layer}.score.weight"].t() / 10)
+        w = torch.exp(score - 10) * m
+        pooled = (h * w).cumsum(1) / w.cumsum(1)
         logits = F.rms_norm(pooled, pooled.shape[-1:]) @ router[f"routers.{layer}.gate.weight"].t() \
             + router[f"routers.{layer}.gate.bias"]
         torch.testing.assert_close(logits[mask.bool()], want[layer][mask.bool()], atol=1e-5, rtol=1e-5)

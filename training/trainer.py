@@ -182,7 +182,8 @@ class Trainer:
     def evaluate(self, step: int) -> dict | None:
         """Validation LM loss (per token) and routing accuracy of the stage step `step` (0-based) belongs to.
 
-        The first `eval_rows` rows are dealt out to the processes; every process runs the same
+        `eval_rows` rows spread evenly over the file (files are grouped by culture, so every culture
+        is seen) are dealt out to the processes; every process runs the same
         number of forwards (ZeRO-3 needs that), one with no rows running a fully masked row.
         """
         stage_index, stage, _ = self.config.stage_at(step)
@@ -190,8 +191,9 @@ class Trainer:
         if data is None:
             return None
         micro = self.config.batch.micro_batch_size
-        count = min(self.config.eval_rows, len(data))
-        mine = np.arange(self.rank, count, self.world)
+        picked = np.unique(np.linspace(0, len(data) - 1, min(self.config.eval_rows, len(data))).round().astype(int))
+        count = len(picked)
+        mine = picked[self.rank::self.world]
         self.engine.eval()
         stats = None
         for b in range(math.ceil(math.ceil(count / self.world) / micro)):

@@ -12,6 +12,7 @@ from moa.synth.queries import BROAD_QUERIES
 
 DEFAULT_TASK_DIR = Path(__file__).resolve().parents[2] / "configs" / "tasks"
 
+TEST_SPLITS = ("norms", "rows")
 TOP_LEVEL = {
     "output_dir": "runs/synth",
     "seed": 0,
@@ -22,7 +23,8 @@ TOP_LEVEL = {
     "stage1_samples": 80,            # stage-1 (broad) samples per culture; 0 = none
     "samples_per_call": 10,
     "max_rounds": 5,                 # passes over the queries while a job is short of its target
-    "test_fraction": 0.2,            # share of norms held out as the test split
+    "test_split": "norms",           # what the test split holds out: whole norms, or rows (unseen questions)
+    "test_fraction": 0.2,            # share of norms (or of stage-2 rows) held out as the test split
     "validation_fraction": 0.1,      # share of the remaining rows (by phrasing) for validation
     "balance": True,                 # cut every culture to the smallest culture's count per task
     "broad_queries": list(BROAD_QUERIES),
@@ -58,6 +60,7 @@ class SynthConfig:
     stage1_samples: int
     samples_per_call: int
     max_rounds: int
+    test_split: str
     test_fraction: float
     validation_fraction: float
     balance: bool
@@ -96,6 +99,8 @@ def _check(cfg: dict) -> None:
             raise ValueError(f"{key} must be a positive integer, got {cfg[key]!r}")
     if not isinstance(cfg["stage1_samples"], int) or cfg["stage1_samples"] < 0:
         raise ValueError(f"stage1_samples must be an integer >= 0, got {cfg['stage1_samples']!r}")
+    if cfg["test_split"] not in TEST_SPLITS:
+        raise ValueError(f"test_split must be one of {list(TEST_SPLITS)}, got {cfg['test_split']!r}")
     for key in ("test_fraction", "validation_fraction"):
         if not 0 <= cfg[key] < 1:
             raise ValueError(f"{key} must be within [0, 1), got {cfg[key]!r}")

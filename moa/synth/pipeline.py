@@ -172,11 +172,22 @@ def choose_test_keys(keys: set, fraction: float, seed: int) -> set:
 
 
 def assign_splits(rows: list, cfg: SynthConfig) -> tuple[list, set, int]:
-    """Set each row's split; stage-1 rows about held-out norms are dropped. Returns (rows, test keys, dropped)."""
-    test_keys = choose_test_keys({split_key(r) for r in rows if r["stage"] == 2}, cfg.test_fraction, cfg.seed)
+    """Set each row's split. Returns (rows, held-out norm keys, rows dropped).
+
+    `test_split: norms` holds out whole norms (their stage-1 rows are dropped), so the test asks
+    about customs never trained on. `test_split: rows` holds out stage-2 rows: the test asks
+    unseen questions (another cue, phrasing or option order) about customs that training covers;
+    a test row whose prompt also occurs in training is dropped.
+    """
+    if cfg.test_split == "norms":
+        test_keys = choose_test_keys({split_key(r) for r in rows if r["stage"] == 2}, cfg.test_fraction, cfg.seed)
+        is_test = lambda row: split_key(row) in test_keys
+    else:
+        test_keys = set()
+        is_test = lambda row: row["stage"] == 2 and _unit(cfg.seed, "test", row["id"]) < cfg.test_fraction
     kept, dropped = [], 0
     for row in rows:
-        if split_key(row) in test_keys:
+        if is_test(row):
             if row["stage"] == 1:
                 dropped += 1
                 continue
@@ -184,7 +195,9 @@ def assign_splits(rows: list, cfg: SynthConfig) -> tuple[list, set, int]:
         else:
             row["split"] = "validation" if _unit(cfg.seed, "validation", row["id"]) < cfg.validation_fraction else "train"
         kept.append(row)
-    return kept, test_keys, dropped
+    seen = {r["prompt"] for r in kept if r["split"] != "test"}
+    unseen = [r for r in kept if r["split"] != "test" or r["prompt"] not in seen]
+    return unseen, test_keys, dropped + len(kept) - len(unseen)
 
 
 def balance(results: dict, jobs: list) -> dict:
@@ -281,7 +294,7 @@ def _summary(cfg, jobs, results, rows, files, short, cut, test_keys, held_out, c
         rejects[job.culture][column] = dict(job_rejects)
         totals.update(job_rejects)
     if held_out:
-        totals["held_out_stage1"] += held_out
+        totals["dropped_for_test_split"] += held_out
     splits = Counter(f"stage{r['stage']}_{r['split']}" for r in rows)
     return {"output_dir": str(cfg.output_dir), "backend": cfg.llm["backend"], "retrieval": cfg.retrieval["backend"],
             "files": files, "counts": counts, "splits": dict(splits), "rejects": rejects,
