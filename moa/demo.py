@@ -6,7 +6,7 @@ Phases, each with its progress bar:
                bundled corpus (and the stage-1 text), so it is a language model OUT/base/
   3. moa       culture adapters + router, stage 1 (broad) then stage 2 (tasks) OUT/moa/
   4. shared    the shared-LoRA baseline: same data, same steps               OUT/shared/
-  5. eval      every method on the test split, which holds out whole norms   OUT/results.{json,md}, *.png
+  5. eval      every method on the test split (unseen questions)           OUT/results.{json,md}, *.png
   6. generate  one mixed-culture batch, routed by the router                 OUT/generations.jsonl
 Then it prints the results table, the accuracy on the held-out conflicting-norm questions, the
 routing accuracy and where the plots are. `--quick` is a small version of the same run (the
@@ -410,7 +410,7 @@ def run_demo(output_dir: str | Path = "runs/demo", seed: int = 0, quick: bool = 
     phase("shared", t)
 
     t = time.perf_counter()
-    print("[5/6 eval] held-out test split (whole norms held out)", flush=True)
+    print(f"[5/6 eval] held-out test split ({config['synth'].get('test_split', 'norms')} held out)", flush=True)
     model, tokenizer = load_moa(moa_dir)
     shared_model, _ = load_moa(shared_dir)
     rows = load_jsonl(out / "data" / "stage2_test.jsonl", cultures=cultures)

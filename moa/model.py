@@ -201,7 +201,7 @@ class MoAForCausalLM(nn.Module):
         call.collect_logits = call.mode != "oracle" or labels is not None or torch.is_grad_enabled()
         with routing_call(call):
             out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
-        router_loss = self.router_loss(call.router_logits, call.culture_ids, labels, attention_mask)
+        router_loss = self.router_loss(call.router_logits, call.culture_ids, attention_mask)
         lm_loss = out.loss
         if lm_loss is not None and router_loss is not None:
             loss = lm_loss + self.config.router_loss_weight * router_loss
@@ -211,18 +211,17 @@ class MoAForCausalLM(nn.Module):
                                  router_logits=tuple(call.router_logits), past_key_values=getattr(out, "past_key_values", None))
 
     @staticmethod
-    def router_loss(router_logits, culture_ids, labels=None, attention_mask=None):
-        """Cross-entropy of every supervised token's gate against its row's culture, averaged over layers.
+    def router_loss(router_logits, culture_ids, attention_mask=None):
+        """Cross-entropy of every attended token's gate against its row's culture, averaged over layers.
 
-        Supervised tokens: labels != -100 where labels are given, else attended tokens; rows with
-        culture -1 are left out. None when there is nothing to supervise.
+        The gate is trained on the prompt as well as the response: at a prompt's last token it picks
+        the adapter the whole answer is generated with. Rows with culture -1 are left out. None when
+        there is nothing to supervise.
         """
         if culture_ids is None or not router_logits:
             return None
         batch, seq, _ = router_logits[0].shape
-        if labels is not None:
-            mask = labels != -100
-        elif attention_mask is not None:
+        if attention_mask is not None:
             mask = attention_mask.bool()
         else:
             mask = torch.ones(batch, seq, dtype=torch.bool, device=culture_ids.device)

@@ -133,13 +133,29 @@ def test_router_logits_and_losses(base):
     assert len(out.router_logits) == base.config.num_hidden_layers
     assert out.router_logits[0].shape == (6, 12, 3)
     torch.testing.assert_close(out.loss, out.lm_loss + 0.5 * out.router_loss)
-    want = torch.stack([torch.nn.functional.cross_entropy(l[:, 4:].reshape(-1, 3), torch.tensor([0, 1, 2] * 2).repeat_interleave(8))
+    # every token of every row is supervised, the prompt (labels -100) included
+    want = torch.stack([torch.nn.functional.cross_entropy(l.reshape(-1, 3), torch.tensor([0, 1, 2] * 2).repeat_interleave(12))
                         for l in out.router_logits]).mean()
     torch.testing.assert_close(out.router_loss, want)
     out.loss.backward()
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n or "router" in n for n in trainable)
     assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad and "lora_A" not in n)
+
+
+def test_gates_do_not_read_the_adapters_applied(base):
+    """The gates read the decoder stack's input, so which adapters run (gold, wrong or none) cannot
+    change them: under gold routing in training they could otherwise read the answer."""
+    model = moa_model(base)
+    randomize_adapters(model, std=0.5, seed=3)
+    ids = tokens()
+    logits = [model(input_ids=ids, labels=ids, culture_ids=c, routing="oracle").router_logits
+              for c in ([0, 1, 2, 0, 1, 2], [1, 2, 0, 1, 2, 0], [-1] * 6)]
+    assert len(logits[0]) == base.config.num_hidden_layers
+    for other in logits[1:]:
+        for layer, (got, want) in enumerate(zip(other, logits[0])):
+            torch.testing.assert_close(got, want, msg=f"layer {layer}")
+    assert not torch.allclose(logits[0][0], logits[0][1])  # each layer has its own gate
 
 
 @pytest.mark.parametrize("routing", ["oracle", "topk"])

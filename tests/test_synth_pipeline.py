@@ -107,6 +107,20 @@ def test_test_split_holds_out_whole_norms(small_run):
     assert len(files["stage2_validation.jsonl"]) > 0
 
 
+def test_row_test_split_holds_out_unseen_questions_about_trained_norms(tmp_path):
+    summary = pipeline.run(load_config(OFFLINE, output_dir=str(tmp_path), test_split="rows", **SMALL), progress=False)
+    files = read_rows(tmp_path)
+    test, train = files["stage2_test.jsonl"], files["stage2_train.jsonl"] + files["stage2_validation.jsonl"]
+    assert summary["test_norms"] == [] and 0.1 < len(test) / (len(test) + len(train)) < 0.3
+    assert not {r["prompt"] for r in test} & {r["prompt"] for r in train}  # no test question is trained on
+    trained = {r["norm"] for r in train if r.get("norm")}
+    about_norms = [r for r in test if r.get("norm")]
+    assert sum(r["norm"] in trained for r in about_norms) >= 0.9 * len(about_norms)  # customs that training covers
+    assert {(r["culture"], r["task"]) for r in test} == {(r["culture"], r["task"]) for r in train}
+    with pytest.raises(ValueError, match="test_split"):
+        load_config(OFFLINE, test_split="cultures")
+
+
 def test_identical_config_gives_identical_output(small_run, tmp_path):
     out, _, files = small_run
     pipeline.run(load_config(OFFLINE, output_dir=str(tmp_path), **SMALL), progress=False)

@@ -27,6 +27,9 @@ class StageData:
         self.culture_names = [row["culture"] for row in rows]
         # the shared-LoRA baseline routes every row to its single slot 0
         self.culture_ids = np.array([0 if shared else cultures.index(row["culture"]) for row in rows])
+        # the router learns from rows whose prompt carries a cultural cue; a cue-free row (cue: false)
+        # trains its culture's adapter but would teach the router to guess the culture from the topic
+        self.router_targets = np.where([row.get("cue", True) for row in rows], self.culture_ids, -1)
         self.by_culture = {c: np.flatnonzero(np.array(self.culture_names) == c) for c in cultures}
         self.by_culture = {c: idx for c, idx in self.by_culture.items() if len(idx)}
 
@@ -43,7 +46,8 @@ class StageData:
         return np.array([self.by_culture[cultures[c]][rng.integers(0, len(self.by_culture[cultures[c]]))] for c in picks])
 
     def collate(self, indices, pad_id: int) -> dict[str, torch.Tensor]:
-        """Right-padded input_ids, attention_mask, labels (-100 on prompt and padding) and culture_ids.
+        """Right-padded input_ids, attention_mask, labels (-100 on prompt and padding), culture_ids
+        (the adapter of each row) and router_targets (the culture its gates learn, -1 = none).
 
         Rows are grouped by culture (a stable sort), so each adapter's tokens are one contiguous
         slice and the multi-LoRA op needs no gather or scatter; the loss is a mean, so order is free.
@@ -60,7 +64,8 @@ class StageData:
             labels[i, :n] = torch.tensor(e["labels"])
             mask[i, :n] = 1
         return {"input_ids": ids, "attention_mask": mask, "labels": labels,
-                "culture_ids": torch.tensor(self.culture_ids[indices], dtype=torch.long)}
+                "culture_ids": torch.tensor(self.culture_ids[indices], dtype=torch.long),
+                "router_targets": torch.tensor(self.router_targets[indices], dtype=torch.long)}
 
 
 def micro_batches(global_indices: np.ndarray, micro: int, rank: int, world: int) -> list[np.ndarray]:

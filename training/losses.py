@@ -2,8 +2,8 @@
 
 loss = lm_loss + router_loss_weight * router_loss, where lm_loss is the mean next-token
 cross-entropy over supervised tokens (labels != -100) and router_loss is
-`MoAForCausalLM.router_loss` (every supervised token's gate against its row's culture, averaged
-over layers). The statistics are sums, so processes and micro-batches add them up exactly.
+`MoAForCausalLM.router_loss` (every attended token's gate against its row's culture, averaged
+over layers; rows whose prompt names no culture, `router_targets` -1, are left out of it). The statistics are sums, so processes and micro-batches add them up exactly.
 """
 from __future__ import annotations
 
@@ -19,23 +19,24 @@ STAT_KEYS = ("loss_sum", "micro_batches", "lm_loss_sum", "router_loss_sum", "tok
 def joint_loss(model: MoAForCausalLM, out, batch: dict, num_cultures: int):
     """(loss tensor, stats) for one micro-batch; stats are detached sums (see STAT_KEYS and per-culture keys)."""
     logits, labels, culture_ids = out.logits, batch["labels"], batch["culture_ids"]
+    targets = batch.get("router_targets", culture_ids)
     shift_labels = labels[:, 1:]
     token_loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), shift_labels.reshape(-1),
                                  ignore_index=IGNORE_INDEX, reduction="none").view_as(shift_labels)
     supervised = shift_labels != IGNORE_INDEX
     tokens = supervised.sum()
     lm_loss = token_loss.sum() / tokens.clamp(min=1)
-    router_loss = model.router_loss(out.router_logits, culture_ids, labels, batch.get("attention_mask"))
+    router_loss = model.router_loss(out.router_logits, targets, batch.get("attention_mask"))
     loss = lm_loss if router_loss is None else lm_loss + model.config.router_loss_weight * router_loss
 
     stats = torch.zeros(len(STAT_KEYS) + 2 * num_cultures, dtype=torch.float64)
     stats[0], stats[1] = float(loss.detach()), 1.0
     stats[2], stats[3] = float(lm_loss.detach()), float(router_loss.detach()) if router_loss is not None else 0.0
     stats[4] = float(tokens)
-    if out.router_logits:  # token routing accuracy: the layer-averaged gate's top-1 against the row's culture
+    if out.router_logits:  # token routing accuracy: the layer-averaged gate's top-1 against the row's culture, every token
         probs = torch.stack([r.detach().float().softmax(-1) for r in out.router_logits]).mean(0)
-        mask = (labels != IGNORE_INDEX) & (culture_ids[:, None] >= 0)
-        stats[5] = float(((probs.argmax(-1) == culture_ids[:, None]) & mask).sum())
+        mask = batch["attention_mask"].bool() & (targets[:, None] >= 0)
+        stats[5] = float(((probs.argmax(-1) == targets[:, None]) & mask).sum())
         stats[6] = float(mask.sum())
     row_loss = (token_loss.detach() * supervised).sum(1)
     row_tokens = supervised.sum(1)
