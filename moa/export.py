@@ -31,7 +31,7 @@ ROUTER_HOW_TO_APPLY = {
             "at position t (the token embeddings; every layer's gate reads this same input) and m_t the attention mask "
             "(1 token, 0 padding). "
             "h_t = rms_norm(x_t) without weight, in float32 (eps = float32 machine epsilon); "
-            "score_s = 10 * tanh(routers.<l>.score.weight @ h_s / 10), w_s = m_s * exp(score_s - 10); "
+            "score_s = 10 * tanh(sqrt(hidden_size) * (routers.<l>.score.weight @ h_s) / 10), w_s = m_s * exp(score_s - 10); "
             "p_t = sum_{s<=t} w_s h_s / sum_{s<=t} w_s, the attention-weighted causal mean over the non-padding tokens "
             "so far (under a KV cache keep the two running sums); "
             "logits_t = routers.<l>.gate.weight @ rms_norm(p_t) + routers.<l>.gate.bias, one logit per culture (id order).",

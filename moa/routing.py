@@ -112,7 +112,7 @@ class TokenRouter(nn.Module):
 
     It reads hidden states (the decoder stack's input, see `MoADecoderLayer`), RMS-normalised, and pools them causally over the
     tokens so far (padding excluded) with learned attention weights: token s gets weight
-    exp(score_s), score_s = C·tanh(w·h_s / C), so the pool can settle on the tokens that name a
+    exp(score_s), score_s = C·tanh(sqrt(d)·w·h_s / C), so the pool can settle on the tokens that name a
     culture (a city, a personal name) instead of averaging them away, and even the first layer,
     whose input is just the token embedding, sees the cues earlier in the sequence. The linear
     gate reads the RMS-normalised pool. `score` starts at zero (a plain prefix mean). Scores are
@@ -126,6 +126,7 @@ class TokenRouter(nn.Module):
         super().__init__()
         self.layer_index = layer_index
         self.score = nn.Linear(hidden_size, 1, bias=False)
+        self.score_scale = hidden_size**0.5  # a step-size multiplier for w under Adam: without it the pool stays close to a mean
         nn.init.zeros_(self.score.weight)
         self.gate = nn.Linear(hidden_size, num_cultures, bias=True)
         nn.init.normal_(self.gate.weight, std=hidden_size**-0.5)
@@ -134,7 +135,7 @@ class TokenRouter(nn.Module):
     def pool_weights(self, h: torch.Tensor) -> torch.Tensor:
         """[B, S]: exp(score) of RMS-normalised hidden states h, in (e^-2C, 1]."""
         c = self.SCORE_BOUND
-        score = c * torch.tanh(F.linear(h, self.score.weight.float()).squeeze(-1) / c)
+        score = c * torch.tanh(F.linear(h, self.score.weight.float()).squeeze(-1) * self.score_scale / c)
         return torch.exp(score - c)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None, cache=None) -> torch.Tensor:

@@ -87,7 +87,7 @@ def test_router_formula_as_described(moa_model, peft_dir):
     m = mask.float()[..., None]
     for layer in range(len(want)):
         h = F.rms_norm(hidden[0].float(), hidden[0].shape[-1:])  # every gate reads the first layer's input
-        score = 10 * torch.tanh(h @ router[f"routers.{layer}.score.weight"].t() / 10)
+        score = 10 * torch.tanh(h.shape[-1] ** 0.5 * (h @ router[f"routers.{layer}.score.weight"].t()) / 10)
         w = torch.exp(score - 10) * m
         pooled = (h * w).cumsum(1) / w.cumsum(1)
         logits = F.rms_norm(pooled, pooled.shape[-1:]) @ router[f"routers.{layer}.gate.weight"].t() \
