@@ -58,6 +58,13 @@ def score_alone(model, tokenizer, prompt, label, culture_id, routing):
     return sum(float(logp[t - 1, token]) for t, token in enumerate(example["labels"]) if token != -100)
 
 
+@torch.no_grad()
+def routed_alone(model, tokenizer, prompt):
+    """The router's culture for one prompt on its own (its last token, layer-averaged)."""
+    ids, _ = model.route_sequences(torch.tensor([encode_prompt(tokenizer, prompt)]))
+    return int(ids[0])
+
+
 def reference_scores(models):
     model, shared, tokenizer = models
     scores = {m: [] for m in METHODS}
@@ -69,7 +76,7 @@ def reference_scores(models):
         prefixed = f"Answer as a person from {name} would, by local norms.\n{row['prompt']}"
         setups = {"base": (model, row["prompt"], -1, "oracle"), "prompting": (model, prefixed, -1, "oracle"),
                   "shared_lora": (shared, row["prompt"], 0, "oracle"), "moa_oracle": (model, row["prompt"], gold, "oracle"),
-                  "moa_router": (model, row["prompt"], None, "router")}
+                  "moa_router": (model, row["prompt"], routed_alone(model, tokenizer, row["prompt"]), "oracle")}
         for method, (m, prompt, culture_id, routing) in setups.items():
             scores[method].append({label: score_alone(m, tokenizer, prompt, label, culture_id, routing)
                                    for label in LABELS[row["task"]]})

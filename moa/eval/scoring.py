@@ -9,7 +9,8 @@ Methods:
   prompting    the base model, the prompt prefixed with a sentence naming the row's culture
   shared_lora  one LoRA trained on every culture (a run whose only culture is "shared")
   moa_oracle   MoA with each row's own culture adapter
-  moa_router   MoA with the router choosing the adapter of every token
+  moa_router   MoA with the adapter the router picks for the prompt (its choice at the last prompt
+               token, as `route_sequences` reads it) running the whole row, as a server routes a request
 """
 from __future__ import annotations
 
@@ -161,12 +162,13 @@ def evaluate(model, tokenizer, rows: list[dict], shared_model=None, batch_size: 
     label_rows = [r for r in rows if r["task"] in LABELS]
     gold = [r.get("label", r["response"]) for r in label_rows]
     gold_ids = [cultures.index(r["culture"]) for r in label_rows]
+    routed_ids, _ = route_rows(model, tokenizer, label_rows, batch_size, max_length, progress)
     runs = {
         "base": (model, [-1] * len(label_rows), "oracle", False),
         "prompting": (model, [-1] * len(label_rows), "oracle", True),
         "shared_lora": (shared_model, [0] * len(label_rows), "oracle", False),
         "moa_oracle": (model, gold_ids, "oracle", False),
-        "moa_router": (model, None, "router", False),
+        "moa_router": (model, routed_ids, "oracle", False),  # the adapter the router picks for the prompt
     }
     accuracy, predictions = {}, {}
     for method, (scorer, ids, routing, prompting) in runs.items():
