@@ -426,9 +426,9 @@ def run_demo(output_dir: str | Path = "runs/demo", seed: int = 0, quick: bool = 
     phase("eval", t)
 
     t = time.perf_counter()
-    print("[6/6 generate] one mixed-culture batch, router routing", flush=True)
+    print("[6/6 generate] one mixed-culture batch, each prompt routed by the router", flush=True)
     prompts = generation_rows(rows, config["generate"]["cultures"])
-    generations = generate_rows(model, tokenizer, prompts, routing="router", max_new_tokens=config["generate"]["max_new_tokens"],
+    generations = generate_rows(model, tokenizer, prompts, routing="prompt", max_new_tokens=config["generate"]["max_new_tokens"],
                                 progress=progress)
     for g, p in zip(generations, prompts):
         g["reference"] = p["reference"]
@@ -481,7 +481,7 @@ def print_summary(results: dict, generations: list[dict], paths: dict, out: Path
     print(f"Router sequence-level accuracy on the whole test split: {_pct(results['routing_accuracy_cued'])}% on the "
           f"{results['n_rows_cued']} cued rows, {_pct(results['routing_accuracy'])}% on all {results['n_rows']} rows.")
     print()
-    print("## Mixed-culture batch (one generate call, router routing)")
+    print("## Mixed-culture batch (one generate call, each prompt routed by the router)")
     print()
     for g in generations:
         print(f"- [{g['culture']} -> routed {g['router_choice']} ({g['router_confidence']:.2f})] {g['prompt']}")

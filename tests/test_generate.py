@@ -51,7 +51,7 @@ def mixed_rows():
     return [{"prompt": p, "culture": CULTURES[i % 3], "id": f"r{i}"} for i, p in enumerate(PROMPTS)]
 
 
-@pytest.mark.parametrize("routing", ["oracle", "router", "topk"])
+@pytest.mark.parametrize("routing", ["prompt", "oracle", "router", "topk"])
 def test_mixed_batch_equals_batch_size_one(run_dir, tmp_path, capsys, routing):
     rows = mixed_rows()
     mixed = generate(run_dir, tmp_path, rows, "--routing", routing, "--batch-size", "16", name="mixed")

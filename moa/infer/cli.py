@@ -1,9 +1,10 @@
 """Generate for a JSONL file of prompts with a saved MoA run; rows of one batch may use different cultures.
 
-Usage: moa generate --model RUN_DIR --prompts PROMPTS.jsonl --output OUT.jsonl [--routing router|oracle|topk]
+Usage: moa generate --model RUN_DIR --prompts PROMPTS.jsonl --output OUT.jsonl [--routing prompt|router|oracle|topk]
 [--top-k N] [--batch-size 16] [--max-new-tokens 64] [--do-sample --temperature 1.0 --top-p 1.0] [--seed 0].
 Each input line is {"prompt": ..., "culture": optional culture name, "id": optional}; 'oracle' routing
-needs a culture on every row, 'router' and 'topk' let the gates choose per token. Each output line,
+needs a culture on every row, 'prompt' (the default) runs each row with the adapter the router picks
+for its prompt, 'router' and 'topk' let the gates choose per token. Each output line,
 in input order, is {"id", "prompt", "culture" (given or null), "text" (the new tokens, special tokens
 skipped), "routed_culture" (the given culture under 'oracle', else the router's choice for the
 prompt), "router_confidence" (the router's probability for its choice, in every mode),
@@ -23,8 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="saved MoA run directory (moa_config.json, moa_adapters.safetensors, base_model.json)")
     parser.add_argument("--prompts", required=True, help="input JSONL: {\"prompt\", \"culture\" (optional), \"id\" (optional)} per line")
     parser.add_argument("--output", required=True, help="output JSONL, one line per input row in input order")
-    parser.add_argument("--routing", default="router", choices=["router", "oracle", "topk"],
-                        help="'oracle': each row's given culture; 'router': the gate's top-1 per token; 'topk': mix of the top-k")
+    parser.add_argument("--routing", default="prompt", choices=["prompt", "router", "oracle", "topk"],
+                        help="'prompt': the router's pick for the prompt runs the whole row; 'oracle': each row's given "
+                             "culture; 'router': the gate's top-1 per token; 'topk': mix of the top-k")
     parser.add_argument("--top-k", type=int, default=None, help="adapters mixed per token under --routing topk (default: the run's top_k)")
     parser.add_argument("--batch-size", type=int, default=16, help="rows per generate call")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="new tokens per row at most")

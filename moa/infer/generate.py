@@ -10,6 +10,10 @@ import torch
 from tqdm import tqdm
 
 from moa.config import ROUTING_MODES
+
+# 'prompt': the router's pick for each prompt (its choice at the last prompt token) runs the whole
+# row, prompt and answer, as a server routes a request; the others are the model's own modes
+GENERATE_ROUTING = ("prompt",) + ROUTING_MODES
 from moa.data import DataError, encode_prompt
 from moa.data.schema import json_lines
 
@@ -31,7 +35,7 @@ def row_problems(row, cultures: list[str], routing: str) -> list[str]:
     return problems
 
 
-def read_prompts(path, cultures: list[str], routing: str = "router") -> list[dict]:
+def read_prompts(path, cultures: list[str], routing: str = "prompt") -> list[dict]:
     """Read and check a JSONL file of prompt rows; DataError lists every bad line as file:line."""
     problems, rows = [], []
     for number, row in json_lines(path, problems):
@@ -76,12 +80,13 @@ def _until_eos(tokens: list[int], eos: set[int]) -> list[int]:
 
 
 @torch.no_grad()
-def generate_rows(model, tokenizer, rows: list[dict], routing: str = "router", batch_size: int = 16,
+def generate_rows(model, tokenizer, rows: list[dict], routing: str = "prompt", batch_size: int = 16,
                   max_new_tokens: int = 64, top_k: int | None = None, progress: bool = False, **sampling) -> list[dict]:
     """Generate for every row; one output dict per row, in input order.
 
-    routing: 'oracle' (each row's own culture, required on every row), 'router' (the gate's top-1
-    per token) or 'topk' (the renormalised mix of the `top_k` best adapters per token).
+    routing: 'prompt' (the adapter the router picks for the row's prompt runs the whole row),
+    'oracle' (each row's own culture, required on every row), 'router' (the gate's top-1 per token)
+    or 'topk' (the renormalised mix of the `top_k` best adapters per token).
     `sampling` goes to transformers `generate` (do_sample, temperature, top_p, ...).
     Output keys: id (given, else the row's position), prompt, culture (given or None), text (the
     new tokens decoded, special tokens skipped), routed_culture (the given culture in 'oracle'
@@ -89,8 +94,8 @@ def generate_rows(model, tokenizer, rows: list[dict], routing: str = "router", b
     router's sequence-level pick and its probability, in every mode), new_tokens.
     """
     cultures = model.config.cultures
-    if routing not in ROUTING_MODES:
-        raise ValueError(f"unknown routing {routing!r}: expected one of {ROUTING_MODES}")
+    if routing not in GENERATE_ROUTING:
+        raise ValueError(f"unknown routing {routing!r}: expected one of {GENERATE_ROUTING}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     if max_new_tokens < 1:
@@ -112,7 +117,10 @@ def generate_rows(model, tokenizer, rows: list[dict], routing: str = "router", b
         culture_ids = None
         if routing == "oracle":
             culture_ids = torch.tensor([cultures.index(rows[i]["culture"]) for i in batch], device=model.device)
-        out = model.generate(input_ids=ids, attention_mask=mask, culture_ids=culture_ids, routing=routing, top_k=top_k,
+        elif routing == "prompt":
+            culture_ids = router_ids
+        out = model.generate(input_ids=ids, attention_mask=mask, culture_ids=culture_ids,
+                             routing="oracle" if routing == "prompt" else routing, top_k=top_k,
                              max_new_tokens=max_new_tokens, pad_token_id=pad, **sampling)
         routed = culture_ids if culture_ids is not None else router_ids
         for j, i in enumerate(batch):
