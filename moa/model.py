@@ -234,9 +234,13 @@ class MoAForCausalLM(nn.Module):
 
     @torch.no_grad()
     def route_probs(self, input_ids, attention_mask=None) -> torch.Tensor:
-        """[B, S, K]: each token's culture distribution, the gates' softmax averaged over layers."""
-        out = self(input_ids=input_ids, attention_mask=attention_mask, routing="router")
-        return torch.stack([logits.float().softmax(-1) for logits in out.router_logits]).mean(0)
+        """[B, S, K]: each token's culture distribution, the gates' softmax averaged over layers.
+
+        The gates read the decoder stack's input, RMS-normalised, so only the embedding layer runs:
+        routing a prompt costs no forward pass through the decoder layers.
+        """
+        hidden = self.base_model.get_input_embeddings()(input_ids)
+        return torch.stack([router(hidden, attention_mask).float().softmax(-1) for router in self.routers]).mean(0)
 
     @torch.no_grad()
     def route_sequences(self, input_ids, attention_mask=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -158,6 +158,22 @@ def test_gates_do_not_read_the_adapters_applied(base):
     assert not torch.allclose(logits[0][0], logits[0][1])  # each layer has its own gate
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+def test_route_probs_equal_the_gates_of_a_full_forward(family):
+    """route_probs runs only the embedding layer; it must equal the gates inside a forward."""
+    model = moa_model(fresh_base(family))
+    for router in model.routers:
+        torch.nn.init.normal_(router.score.weight, std=0.3)
+    ids = tokens()
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, routing="router")
+        want = torch.stack([logits.float().softmax(-1) for logits in out.router_logits]).mean(0)
+        got = model.route_probs(ids, mask)
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=1e-6, rtol=1e-5)
+
+
 @pytest.mark.parametrize("routing", ["oracle", "topk"])
 def test_gradient_checkpointing_same_gradients(base, routing):
     grads = []
