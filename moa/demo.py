@@ -298,16 +298,17 @@ def subset_accuracy(correct: list[bool], rows: list[dict], cultures: list[str]) 
             "n_per_culture": {c: len(h) for c, h in per.items() if h}}
 
 
-def held_out_conflicting(results: dict, rows: list[dict], routed: list[int]) -> dict:
+def held_out_conflicting(results: dict, rows: list[dict]) -> dict:
     """Accuracy of every method and routing accuracy on the test rows about conflicting norms.
 
-    `routed`: the router's culture id per test row (sequence level). Also given on the rows whose
+    `results` as from `moa.eval.evaluate` on `rows` (its `routed`: the router's culture id per row,
+    sequence level). Also given on the rows whose
     prompt carries a cultural cue (`cue: true`), which are the rows the router can read a culture from.
     """
     from moa.data import LABELS
     from moa.data.norms import conflicting_questions
 
-    cultures = results["cultures"]
+    cultures, routed = results["cultures"], results["routed"]
     conflicting = {q.id for q in conflicting_questions()}
     label_rows = [r for r in rows if r["task"] in LABELS]
     keep = [i for i, r in enumerate(label_rows) if r.get("norm") in conflicting]
@@ -373,7 +374,7 @@ def run_demo(output_dir: str | Path = "runs/demo", seed: int = 0, quick: bool = 
 
     from moa.base_model import load_moa
     from moa.data import load_jsonl, write_jsonl
-    from moa.eval import evaluate, format_markdown, route_rows, write_report
+    from moa.eval import evaluate, format_markdown, write_report
     from moa.infer.generate import generate_rows
 
     config = load_demo_config(config_path, quick)
@@ -417,12 +418,12 @@ def run_demo(output_dir: str | Path = "runs/demo", seed: int = 0, quick: bool = 
     ev = config["eval"]
     results = evaluate(model, tokenizer, rows, shared_model=shared_model, batch_size=ev["batch_size"],
                        max_length=ev["max_length"], progress=progress)
-    routed, _ = route_rows(model, tokenizer, rows, ev["batch_size"], ev["max_length"])
+    routed = results["routed"]
     gold = [cultures.index(r["culture"]) for r in rows]
     cued = [i for i, r in enumerate(rows) if r.get("cue", True)]
     results["routing_accuracy_cued"] = sum(routed[i] == gold[i] for i in cued) / len(cued) if cued else None
     results["n_rows_cued"] = len(cued)
-    results["held_out_conflicting"] = held_out_conflicting(results, rows, routed)
+    results["held_out_conflicting"] = held_out_conflicting(results, rows)
     phase("eval", t)
 
     t = time.perf_counter()

@@ -142,7 +142,8 @@ def check_rows(rows: list[dict], cultures: list[str]) -> None:
 
 def evaluate(model, tokenizer, rows: list[dict], shared_model=None, batch_size: int = 32, max_length: int = 256,
              progress: bool = False) -> dict:
-    """Label accuracy of every method, routing accuracy, routing by position and routing confusion.
+    """Label accuracy of every method, the router's culture per row (`routed`), routing accuracy,
+    routing by position and routing confusion.
 
     rows: dicts as from `moa.data.load_jsonl`; `open` rows count for routing only. shared_model:
     a MoA model whose only culture is "shared" (the `shared_lora` baseline, left out when None).
@@ -159,10 +160,12 @@ def evaluate(model, tokenizer, rows: list[dict], shared_model=None, batch_size: 
         if m is not None:
             m.eval()
 
-    label_rows = [r for r in rows if r["task"] in LABELS]
+    routed, by_token = route_rows(model, tokenizer, rows, batch_size, max_length, progress)
+    label_index = [i for i, r in enumerate(rows) if r["task"] in LABELS]
+    label_rows = [rows[i] for i in label_index]
     gold = [r.get("label", r["response"]) for r in label_rows]
     gold_ids = [cultures.index(r["culture"]) for r in label_rows]
-    routed_ids, _ = route_rows(model, tokenizer, label_rows, batch_size, max_length, progress)
+    routed_ids = [routed[i] for i in label_index]
     runs = {
         "base": (model, [-1] * len(label_rows), "oracle", False),
         "prompting": (model, [-1] * len(label_rows), "oracle", True),
@@ -180,7 +183,6 @@ def evaluate(model, tokenizer, rows: list[dict], shared_model=None, batch_size: 
         accuracy[method] = _accuracy([p == g for p, g in zip(predicted, gold)], label_rows, cultures)
 
     row_ids = [cultures.index(r["culture"]) for r in rows]
-    routed, by_token = route_rows(model, tokenizer, rows, batch_size, max_length, progress)
     confusion = [[0] * len(cultures) for _ in cultures]
     for g, p in zip(row_ids, routed):
         confusion[g][p] += 1
@@ -193,6 +195,7 @@ def evaluate(model, tokenizer, rows: list[dict], shared_model=None, batch_size: 
     return {
         "accuracy": accuracy,
         "predictions": predictions,
+        "routed": routed,
         "routing_accuracy": sum(g == p for g, p in zip(row_ids, routed)) / len(rows),
         "routing_by_position": {"accuracy": [h / c for h, c in zip(hits, counts)], "count": counts},
         "confusion": confusion,
