@@ -29,6 +29,7 @@ class AdapterPlan:
     adapters: list[int]  # used adapters, ascending
     counts: list[int]  # assignments per used adapter
     offsets: list[int]  # start of each used adapter's segment
+    row_len: int | None = None  # tokens per row when the T tokens are B rows of one length (x is [B, S, d] flattened)
 
     @property
     def num_tokens(self) -> int:
@@ -54,6 +55,15 @@ class AdapterPlan:
         ends = starts[1:] + [self.num_tokens]
         adapters = flat[starts].tolist()
         return [(a, s, e - s) for a, s, e in zip(adapters, starts, ends)]
+
+    @cached_property
+    def row_adapters(self) -> torch.Tensor | None:
+        """[B] adapter of each row (-1: none) when every row of `row_len` tokens takes one adapter in a
+        single slot, else None. Oracle routing and training under gold routing give such plans."""
+        if self.row_len is None or self.top_k != 1 or self.num_tokens == 0 or self.num_tokens % self.row_len:
+            return None
+        rows = self.ids[:, 0].view(-1, self.row_len)
+        return rows[:, 0].clone() if bool((rows == rows[:, :1]).all()) else None
 
     @property
     def max_count(self) -> int:
@@ -112,8 +122,10 @@ class AdapterPlan:
         return torch.arange(self.max_count, device=self.ids.device)[None, :] < counts[:, None]
 
 
-def plan_adapters(adapter_ids: torch.Tensor, num_adapters: int) -> AdapterPlan:
-    """Group the tokens of a batch by adapter. `adapter_ids`: int `[T]` or `[T, k]`, values in [-1, K)."""
+def plan_adapters(adapter_ids: torch.Tensor, num_adapters: int, row_len: int | None = None) -> AdapterPlan:
+    """Group the tokens of a batch by adapter. `adapter_ids`: int `[T]` or `[T, k]`, values in [-1, K).
+    `row_len`: tokens per row when the T tokens are rows of one length (lets a plan whose rows each take
+    one adapter run them as a batch of rows)."""
     if not isinstance(adapter_ids, torch.Tensor):
         raise TypeError(f"adapter_ids must be a torch.Tensor, got {type(adapter_ids).__name__}")
     if adapter_ids.dtype.is_floating_point or adapter_ids.dtype == torch.bool or adapter_ids.is_complex():
@@ -122,6 +134,8 @@ def plan_adapters(adapter_ids: torch.Tensor, num_adapters: int) -> AdapterPlan:
         raise ValueError(f"adapter_ids must have shape [T] or [T, k], got {tuple(adapter_ids.shape)}")
     if num_adapters < 1:
         raise ValueError(f"num_adapters must be >= 1, got {num_adapters}")
+    if row_len is not None and (not isinstance(row_len, int) or row_len < 1 or adapter_ids.shape[0] % row_len):
+        raise ValueError(f"row_len must be a positive int dividing the {adapter_ids.shape[0]} tokens, got {row_len!r}")
     ids = (adapter_ids[:, None] if adapter_ids.dim() == 1 else adapter_ids).long()
     flat = ids.reshape(-1)
     if flat.numel():
@@ -148,4 +162,5 @@ def plan_adapters(adapter_ids: torch.Tensor, num_adapters: int) -> AdapterPlan:
         adapters=adapters,
         counts=counts,
         offsets=offsets,
+        row_len=row_len,
     )

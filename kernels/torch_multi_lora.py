@@ -1,20 +1,24 @@
 """Pure-torch multi-LoRA: the reference for the Triton kernels and the CPU path.
 
-Assignments (token, adapter) are grouped by adapter by an `AdapterPlan`. Two layouts, both
-plain differentiable torch ops (autograd gives grad x, A, B and weights):
+Assignments (token, adapter) are grouped by adapter by an `AdapterPlan`. Three layouts, all plain
+differentiable torch ops (autograd gives grad x, A, B and weights):
 
+* rows: when every row of the batch takes one adapter (`plan.row_adapters`: oracle routing, training
+  under gold routing), x is viewed as [B, S, d_in] and each row runs against its own adapter in two
+  `bmm`s over the rows' gathered weights, the expand accumulated into the base output (prefill and
+  training: no reorder of the tokens, two ops however many adapters);
 * padded: the groups are padded to the largest one and run as two `bmm`s, a constant number of
   ops however many adapters the batch mixes (decode: few tokens per adapter); the groups are all
   K adapters when at least half are used (no copy of the weights), else the used ones;
-* segmented: one pair of matmuls per used adapter over its contiguous slice (prefill and
-  training: many tokens per adapter, where padding would waste work). When the tokens come in
-  few runs of one adapter (`plan.token_runs`: a row per run in oracle prefill, a culture per run
-  in training batches sorted by culture) the slices are taken from x in token order and the
-  result added without a gather or scatter.
+* segmented: one pair of matmuls per used adapter over its contiguous slice (many tokens per
+  adapter in no row structure, e.g. a learned router's choices). When the tokens come in few runs
+  of one adapter (`plan.token_runs`) the slices are taken from x in token order and the result
+  added without a gather or scatter.
 
-`use_padded` picks the one with less work, counting a launched op as `OP_COST` multiply-adds.
-The LoRA output is accumulated into `base_out` in place when it is given and autograd is not
-recording (inference); under autograd a new tensor is returned.
+`pick_layout` picks the one with the least extra work, counting a launched op as `OP_COST`
+multiply-adds and a gathered or wasted weight element as one. The LoRA output is accumulated into
+`base_out` in place when it is given and autograd is not recording (inference); under autograd a
+new tensor is returned.
 """
 from __future__ import annotations
 
@@ -25,10 +29,19 @@ from .plan import AdapterPlan
 OP_COST = 1 << 17  # multiply-adds one extra op costs on a CPU, roughly (a few microseconds)
 
 
-def use_padded(plan: AdapterPlan, rank: int, d_in: int, d_out: int) -> bool:
-    """True when padding every group to the largest costs less than one op pair per adapter."""
-    wasted = (plan.padded_groups * plan.max_count - plan.num_assignments) * rank * (d_in + d_out)
-    return wasted <= 2 * len(plan.adapters) * OP_COST
+LAYOUTS = ("padded", "segmented", "rows")
+
+
+def pick_layout(plan: AdapterPlan, rank: int, d_in: int, d_out: int) -> str:
+    """The layout with the least extra work: padding (wasted rows), an op pair per adapter, or the
+    rows' gathered weights plus the rows that take no adapter (computed, then zeroed)."""
+    per_token = rank * (d_in + d_out)
+    costs = {"padded": (plan.padded_groups * plan.max_count - plan.num_assignments) * per_token,
+             "segmented": 2 * len(plan.adapters) * OP_COST}
+    rows = plan.row_adapters
+    if rows is not None:
+        costs["rows"] = (rows.numel() + plan.num_tokens - plan.num_assignments) * per_token
+    return min(costs, key=costs.get)
 
 
 def assignment_scale(plan: AdapterPlan, weights: torch.Tensor | None, scaling, dtype) -> torch.Tensor | float:
@@ -84,16 +97,41 @@ def _segmented(x, lora_a, lora_b, plan: AdapterPlan, coef):
     return plan.sorted_token, torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
 
+def _rows(x, lora_a, lora_b, plan: AdapterPlan, coef, out, in_place: bool):
+    """Each row of `row_len` tokens against its own adapter: x as [B, S, d_in], weights gathered per row."""
+    ids = plan.row_adapters
+    rows, seq = ids.numel(), plan.row_len
+    safe = ids.clamp(min=0)  # rows without an adapter run adapter 0 and are zeroed by the scale
+    h = torch.bmm(x.reshape(rows, seq, -1), lora_a.transpose(1, 2).index_select(0, safe))  # [B, S, r]
+    if isinstance(coef, torch.Tensor):  # per-assignment factors, sorted order -> token order (0 where no adapter)
+        scale = coef.new_zeros(plan.num_tokens).index_copy(0, plan.sorted_token, coef).view(rows, seq, 1)
+    else:
+        scale = ((ids >= 0).to(h.dtype) * coef).view(rows, 1, 1)
+    h = h.mul_(scale) if in_place else h * scale
+    b_t = lora_b.transpose(1, 2).index_select(0, safe)  # [B, r, d_out]
+    if in_place and out.dtype == h.dtype and out.is_contiguous():
+        out.view(rows, seq, -1).baddbmm_(h, b_t)
+        return out
+    y = torch.bmm(h, b_t).view(plan.num_tokens, -1).to(out.dtype)
+    return out.add_(y) if in_place else out + y
+
+
 def multi_lora_torch(x, lora_a, lora_b, plan: AdapterPlan, weights=None, scaling=1.0, base_out=None):
     """`base_out + sum_j w[t,j] s[a] (x[t] A[a]^T) B[a]^T`, a = ids[t, j]; see `moa.kernels.multi_lora`."""
     out = base_out if base_out is not None else x.new_zeros(x.shape[0], lora_b.shape[1], dtype=lora_b.dtype)
     if plan.num_assignments == 0:
         return out
     coef = assignment_scale(plan, weights, scaling, lora_a.dtype)
-    layout = _padded if use_padded(plan, lora_a.shape[1], lora_a.shape[2], lora_b.shape[1]) else _segmented
-    index, y = layout(x.to(lora_a.dtype), lora_a, lora_b, plan, coef)
+    x = x.to(lora_a.dtype)
+    # under autograd a new tensor: base_out may be a view autograd must not see modified
+    tracked = torch.is_grad_enabled() and (any(t.requires_grad for t in (out, x, lora_a, lora_b))
+                                           or isinstance(coef, torch.Tensor) and coef.requires_grad)
+    layout = pick_layout(plan, lora_a.shape[1], lora_a.shape[2], lora_b.shape[1])
+    if layout == "rows":
+        return _rows(x, lora_a, lora_b, plan, coef, out, in_place=not tracked)
+    index, y = (_padded if layout == "padded" else _segmented)(x, lora_a, lora_b, plan, coef)
     y = y.to(out.dtype)
-    if torch.is_grad_enabled() and (out.requires_grad or y.requires_grad):  # base_out may be a view autograd must not see modified
+    if tracked:
         return out + y if index is None else out.index_add(0, index, y)
     return out.add_(y) if index is None else out.index_add_(0, index, y)
 

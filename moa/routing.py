@@ -46,7 +46,7 @@ class RoutingCall:
                 if batch % ids.shape[0]:
                     raise ValueError(f"culture_ids has {ids.shape[0]} rows but the batch has {batch}")
                 ids = ids.repeat_interleave(batch // ids.shape[0])
-            self._oracle_plans[key] = plan_adapters(ids[:, None].expand(batch, seq).reshape(-1), self.num_cultures)
+            self._oracle_plans[key] = plan_adapters(ids[:, None].expand(batch, seq).reshape(-1), self.num_cultures, row_len=seq)
         return self._oracle_plans[key]
 
     def route(self, logits: torch.Tensor) -> tuple[AdapterPlan, torch.Tensor | None]:
@@ -56,7 +56,7 @@ class RoutingCall:
             return self.oracle_plan(batch, seq, logits.device), None
         flat = logits.reshape(-1, k)
         if self.mode == "router":
-            return plan_adapters(flat.argmax(-1), k), None
+            return plan_adapters(flat.argmax(-1), k, row_len=seq), None
         probs = flat.float().softmax(-1)
         top_w, top_i = probs.topk(self.top_k, dim=-1)
         return plan_adapters(top_i, k), (top_w / top_w.sum(-1, keepdim=True)).to(logits.dtype)

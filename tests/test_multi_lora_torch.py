@@ -20,9 +20,12 @@ def make_inputs(T, K, r, d_in, d_out, k=1, dtype=torch.float64, none_share=0.2, 
     return x, a, b, ids, w, base, scaling
 
 
-@pytest.fixture(params=["padded", "segmented"])
+@pytest.fixture(params=tml.LAYOUTS)
 def layout(request, monkeypatch):
-    monkeypatch.setattr(tml, "use_padded", lambda *args: request.param == "padded")
+    """Force one layout; "rows" applies only to plans whose rows each take one adapter (others keep the pick)."""
+    pick = tml.pick_layout
+    monkeypatch.setattr(tml, "pick_layout", lambda plan, *args: request.param if request.param != "rows" or plan.row_adapters is not None
+                        else pick(plan, *args))
     return request.param
 
 
@@ -116,3 +119,57 @@ def test_tokens_in_runs_skip_the_gather(layout, ids, runs, scaling):
         out = base.clone()
         assert multi_lora(x, a, b, plan, scaling=scaling, base_out=out) is out
         torch.testing.assert_close(out, want)
+
+
+def _rows_case(rows, seq=5, dtype=torch.float64):
+    x, a, b, _, w, base, _ = make_inputs(len(rows) * seq, 3, 4, 11, 7, dtype=dtype)
+    ids = torch.tensor(rows).repeat_interleave(seq)
+    return x, a, b, ids, w, base, plan_adapters(ids, 3, row_len=seq)
+
+
+@pytest.mark.parametrize("rows", [[2, 0, -1, 2], [1, 1, 1], [-1, -1, 0, -1]])
+@pytest.mark.parametrize("scaling", [0.7, torch.tensor([0.5, 1.5, 2.0], dtype=torch.float64)])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_rows_of_one_adapter(layout, rows, scaling, weighted):
+    """Rows that each take one adapter (oracle routing, gold training): values and every gradient as the definition."""
+    x, a, b, ids, w, base, plan = _rows_case(rows)
+    assert plan.row_adapters.tolist() == rows
+    w = w[:, :1] if weighted else None
+    x, a, b, base = (t.clone().requires_grad_() for t in (x, a, b, base))
+    leaves = (x, a, b, base) + ((w.requires_grad_(),) if weighted else ())
+    got = multi_lora(x, a, b, plan, weights=w, scaling=scaling, base_out=base * 1)
+    want = multi_lora_naive(x, a, b, ids, weights=w, scaling=scaling, base_out=base)
+    torch.testing.assert_close(got, want)
+    for g, g_want in zip(torch.autograd.grad(got.square().sum(), leaves), torch.autograd.grad(want.square().sum(), leaves)):
+        torch.testing.assert_close(g, g_want)
+    with torch.no_grad():
+        out = base.clone()
+        assert multi_lora(x, a, b, plan, weights=w, scaling=scaling, base_out=out) is out
+        torch.testing.assert_close(out, want)
+
+
+def test_rows_gradcheck(layout):
+    x, a, b, ids, w, base, plan = _rows_case([2, -1, 0], seq=3)
+    for t in (x, a, b, base):
+        t.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda *t: multi_lora(t[0], t[1], t[2], plan, scaling=0.5, base_out=t[3] * 1), (x, a, b, base))
+
+
+def test_row_structure_is_detected_only_when_it_holds():
+    ids = torch.tensor([1, 1, 0, 0, -1, -1])
+    assert plan_adapters(ids, 2, row_len=2).row_adapters.tolist() == [1, 0, -1]
+    assert plan_adapters(ids, 2, row_len=3).row_adapters is None  # a row mixes adapters
+    assert plan_adapters(ids, 2).row_adapters is None  # no row length given
+    assert plan_adapters(ids[:, None].repeat(1, 2), 2, row_len=2).row_adapters is None  # two slots per token
+    with pytest.raises(ValueError, match="row_len must be a positive int dividing the 6 tokens, got 4"):
+        plan_adapters(ids, 2, row_len=4)
+
+
+def test_layout_pick_at_serving_shapes():
+    """Prefill in oracle routing runs rows; a decode step (one token per row, many adapters) runs padded groups."""
+    g = torch.Generator().manual_seed(0)
+    prefill = torch.randint(0, 10, (8,), generator=g).repeat_interleave(128)
+    assert tml.pick_layout(plan_adapters(prefill, 10, row_len=128), 16, 1024, 1024) == "rows"
+    decode = torch.randint(0, 10, (32,), generator=g)
+    assert tml.pick_layout(plan_adapters(decode, 10, row_len=1), 16, 1024, 1024) == "padded"
+    assert tml.pick_layout(plan_adapters(prefill, 10), 16, 1024, 1024) == "segmented"  # no row structure known
