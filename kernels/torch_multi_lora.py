@@ -56,8 +56,8 @@ def _padded(x, lora_a, lora_b, plan: AdapterPlan, coef):
     """[G*L] token index and [G*L, d_out] LoRA outputs, groups padded to the largest."""
     a = lora_a if plan.pads_all_adapters else lora_a.index_select(0, plan.adapters_tensor)
     b = lora_b if plan.pads_all_adapters else lora_b.index_select(0, plan.adapters_tensor)
-    index = plan.padded_token.reshape(-1)
-    h = torch.bmm(x.index_select(0, index).view(*plan.padded_token.shape, -1), a.transpose(1, 2))  # [G, L, r]
+    index = plan.padded_flat_token
+    h = torch.bmm(plan.gather(x, index).view(*plan.padded_token.shape, -1), a.transpose(1, 2))  # [G, L, r]
     if isinstance(coef, torch.Tensor):
         h = h * torch.where(plan.padded_valid, coef[plan.padded_index], torch.zeros_like(coef[:1]))[..., None]
     elif torch.is_grad_enabled():
@@ -122,7 +122,7 @@ def multi_lora_torch(x, lora_a, lora_b, plan: AdapterPlan, weights=None, scaling
     if plan.num_assignments == 0:
         return out
     coef = assignment_scale(plan, weights, scaling, lora_a.dtype)
-    x = x.to(lora_a.dtype)
+    x = x if x.dtype == lora_a.dtype else x.to(lora_a.dtype)
     # under autograd a new tensor: base_out may be a view autograd must not see modified
     tracked = torch.is_grad_enabled() and (any(t.requires_grad for t in (out, x, lora_a, lora_b))
                                            or isinstance(coef, torch.Tensor) and coef.requires_grad)
@@ -130,7 +130,7 @@ def multi_lora_torch(x, lora_a, lora_b, plan: AdapterPlan, weights=None, scaling
     if layout == "rows":
         return _rows(x, lora_a, lora_b, plan, coef, out, in_place=not tracked)
     index, y = (_padded if layout == "padded" else _segmented)(x, lora_a, lora_b, plan, coef)
-    y = y.to(out.dtype)
+    y = y if y.dtype == out.dtype else y.to(out.dtype)
     if tracked:
         return out + y if index is None else out.index_add(0, index, y)
     return out.add_(y) if index is None else out.index_add_(0, index, y)

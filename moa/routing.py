@@ -65,7 +65,8 @@ class RoutingCall:
     def running(self, plan: AdapterPlan, weights):
         previous, self.active = self.active, (plan, weights)
         try:
-            yield
+            with plan.sharing_gathers():
+                yield
         finally:
             self.active = previous
 
