@@ -27,20 +27,23 @@ import torch
 from .plan import AdapterPlan
 
 OP_COST = 1 << 17  # multiply-adds one extra op costs on a CPU, roughly (a few microseconds)
+WEIGHT_COPY = 4  # multiply-adds one gathered weight element costs: a copy out of memory the base weights keep cold
 
 
 LAYOUTS = ("padded", "segmented", "rows")
 
 
 def pick_layout(plan: AdapterPlan, rank: int, d_in: int, d_out: int) -> str:
-    """The layout with the least extra work: padding (wasted rows), an op pair per adapter, or the
-    rows' gathered weights plus the rows that take no adapter (computed, then zeroed)."""
+    """The layout with the least extra work: padding (wasted rows, plus the used adapters' weights
+    gathered when the groups are not all K), an op pair per adapter, or one adapter's weights
+    gathered per row plus the rows that take no adapter (computed, then zeroed)."""
     per_token = rank * (d_in + d_out)
-    costs = {"padded": (plan.padded_groups * plan.max_count - plan.num_assignments) * per_token,
+    gathered = 0 if plan.pads_all_adapters else len(plan.adapters)
+    costs = {"padded": (plan.padded_groups * plan.max_count - plan.num_assignments + WEIGHT_COPY * gathered) * per_token,
              "segmented": 2 * len(plan.adapters) * OP_COST}
     rows = plan.row_adapters
     if rows is not None:
-        costs["rows"] = (rows.numel() + plan.num_tokens - plan.num_assignments) * per_token
+        costs["rows"] = (WEIGHT_COPY * rows.numel() + plan.num_tokens - plan.num_assignments) * per_token
     return min(costs, key=costs.get)
 
 
@@ -54,17 +57,18 @@ def assignment_scale(plan: AdapterPlan, weights: torch.Tensor | None, scaling, d
 
 def _padded(x, lora_a, lora_b, plan: AdapterPlan, coef):
     """[G*L] token index and [G*L, d_out] LoRA outputs, groups padded to the largest."""
-    a = lora_a if plan.pads_all_adapters else lora_a.index_select(0, plan.adapters_tensor)
-    b = lora_b if plan.pads_all_adapters else lora_b.index_select(0, plan.adapters_tensor)
+    a_t, b_t = lora_a.transpose(1, 2), lora_b.transpose(1, 2)  # [K, d_in, r], [K, r, d_out]: the stored orientation
+    if not plan.pads_all_adapters:
+        a_t, b_t = a_t.index_select(0, plan.adapters_tensor), b_t.index_select(0, plan.adapters_tensor)
     index = plan.padded_flat_token
-    h = torch.bmm(plan.gather(x, index).view(*plan.padded_token.shape, -1), a.transpose(1, 2))  # [G, L, r]
+    h = torch.bmm(plan.gather(x, index).view(*plan.padded_token.shape, -1), a_t)  # [G, L, r]
     if isinstance(coef, torch.Tensor):
         h = h * torch.where(plan.padded_valid, coef[plan.padded_index], torch.zeros_like(coef[:1]))[..., None]
     elif torch.is_grad_enabled():
         h = h * plan.padded_scale(coef, h.dtype)
     else:
         h.mul_(plan.padded_scale(coef, h.dtype))
-    return index, torch.bmm(h, b.transpose(1, 2)).reshape(index.shape[0], -1)
+    return index, torch.bmm(h, b_t).reshape(index.shape[0], -1)
 
 
 def _runs(plan: AdapterPlan):
