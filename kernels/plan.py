@@ -6,7 +6,6 @@ needs are paid once, not once per linear layer.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -107,34 +106,6 @@ class AdapterPlan:
     def padded_token(self) -> torch.Tensor:
         """[G, L] token of each padded entry (padding repeats a real token; its weight is zeroed)."""
         return self.sorted_token[self.padded_index]
-
-    @cached_property
-    def padded_flat_token(self) -> torch.Tensor:
-        return self.padded_token.reshape(-1)
-
-    @contextlib.contextmanager
-    def sharing_gathers(self):
-        """Within this scope (one decoder layer's projections) and outside autograd, `gather` keeps its
-        last result, so projections reading the same input (q/k/v, gate/up) gather it once."""
-        self.__dict__["_gathered"], self.__dict__["_share"] = None, True
-        try:
-            yield self
-        finally:
-            self.__dict__["_gathered"], self.__dict__["_share"] = None, False
-
-    def gather(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """`x.index_select(0, index)`, shared by projections of one input inside `sharing_gathers`. The kept
-        input is held, so its memory is not reused by another tensor while kept; an in-place change to it
-        is seen through its version counter (inference tensors have none: in a layer nothing changes it)."""
-        if torch.is_grad_enabled() or not self.__dict__.get("_share"):
-            return x.index_select(0, index)
-        version = None if x.is_inference() else x._version
-        key = (x.data_ptr(), version, x.shape, x.stride(), x.dtype, x.device, index.data_ptr(), index.shape)
-        kept = self.__dict__.get("_gathered")
-        if kept is None or kept[0] != key:
-            kept = (key, x, x.index_select(0, index))
-            self.__dict__["_gathered"] = kept
-        return kept[2]
 
     def padded_scale(self, coef: float, dtype: torch.dtype) -> torch.Tensor:
         """[G, L, 1]: `coef` on real entries, 0 on padding (cached per coef and dtype)."""

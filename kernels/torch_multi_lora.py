@@ -60,8 +60,8 @@ def _padded(x, lora_a, lora_b, plan: AdapterPlan, coef):
     a_t, b_t = lora_a.transpose(1, 2), lora_b.transpose(1, 2)  # [K, d_in, r], [K, r, d_out]: the stored orientation
     if not plan.pads_all_adapters:
         a_t, b_t = a_t.index_select(0, plan.adapters_tensor), b_t.index_select(0, plan.adapters_tensor)
-    index = plan.padded_flat_token
-    h = torch.bmm(plan.gather(x, index).view(*plan.padded_token.shape, -1), a_t)  # [G, L, r]
+    index = plan.padded_token.reshape(-1)
+    h = torch.bmm(x.index_select(0, index).view(*plan.padded_token.shape, -1), a_t)  # [G, L, r]
     if isinstance(coef, torch.Tensor):
         h = h * torch.where(plan.padded_valid, coef[plan.padded_index], torch.zeros_like(coef[:1]))[..., None]
     elif torch.is_grad_enabled():

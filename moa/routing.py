@@ -65,8 +65,7 @@ class RoutingCall:
     def running(self, plan: AdapterPlan, weights):
         previous, self.active = self.active, (plan, weights)
         try:
-            with plan.sharing_gathers():
-                yield
+            yield
         finally:
             self.active = previous
 

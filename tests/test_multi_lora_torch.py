@@ -174,19 +174,3 @@ def test_layout_pick_at_serving_shapes():
     assert tml.pick_layout(plan_adapters(decode, 10, row_len=1), 16, 1024, 1024) == "padded"
     assert tml.pick_layout(plan_adapters(prefill, 10), 16, 1024, 1024) == "segmented"  # no row structure known
 
-
-def test_inference_gather_is_shared_and_follows_in_place_changes(monkeypatch):
-    """Projections reading one input share its gather outside autograd; an in-place change of the input is seen."""
-    monkeypatch.setattr(tml, "pick_layout", lambda *args: "padded")
-    x, a, b, ids, _, _, _ = make_inputs(12, 3, 4, 10, 6)
-    plan = plan_adapters(ids[:, 0], 3)
-    index = plan.padded_flat_token
-    with torch.no_grad():
-        assert plan.gather(x, index) is not plan.gather(x, index)  # outside a sharing scope: never kept
-        with plan.sharing_gathers():
-            assert plan.gather(x, index) is plan.gather(x.view(12, 10), index)
-            for _ in range(2):
-                torch.testing.assert_close(multi_lora(x, a, b, plan), multi_lora_naive(x, a, b, ids[:, 0]))
-                x.mul_(2)
-    with plan.sharing_gathers():
-        assert plan.gather(x, index) is not plan.gather(x, index)  # under autograd: never kept
