@@ -15,10 +15,11 @@ differentiable torch ops (autograd gives grad x, A, B and weights):
   of one adapter (`plan.token_runs`) the slices are taken from x in token order and the result
   added without a gather or scatter.
 
-`pick_layout` picks the one with the least extra work, counting a launched op as `OP_COST`
-multiply-adds and a gathered or wasted weight element as one. The LoRA output is accumulated into
-`base_out` in place when it is given and autograd is not recording (inference); under autograd a
-new tensor is returned.
+`pick_layout` picks rows for long rows (the fastest there, forward and backward, from 16 tokens a
+row), else padded or segmented by their extra work, counting a launched op as `OP_COST`
+multiply-adds, a wasted padded row as its multiply-adds and a gathered weight element as
+`WEIGHT_COPY`. The LoRA output is accumulated into `base_out` in place when it is given and autograd
+is not recording (inference); under autograd a new tensor is returned.
 """
 from __future__ import annotations
 
@@ -28,23 +29,21 @@ from .plan import AdapterPlan
 
 OP_COST = 1 << 17  # multiply-adds one extra op costs on a CPU, roughly (a few microseconds)
 WEIGHT_COPY = 4  # multiply-adds one gathered weight element costs: a copy out of memory the base weights keep cold
-
-
+ROWS_MIN_LEN = 16  # shortest rows for the rows layout: below it the weights gathered per row cost more than padding
 LAYOUTS = ("padded", "segmented", "rows")
 
 
 def pick_layout(plan: AdapterPlan, rank: int, d_in: int, d_out: int) -> str:
-    """The layout with the least extra work: padding (wasted rows, plus the used adapters' weights
-    gathered when the groups are not all K), an op pair per adapter, or one adapter's weights
-    gathered per row plus the rows that take no adapter (computed, then zeroed)."""
-    per_token = rank * (d_in + d_out)
+    """"rows" when every row takes one adapter, rows are at least `ROWS_MIN_LEN` tokens long and at
+    most half of them take none (their work is computed, then zeroed); else "padded" when padding
+    every group to the largest (plus gathering the used adapters' weights when the groups are not
+    all K) costs less than one op pair per adapter, else "segmented"."""
+    long_rows = plan.row_len is not None and plan.row_len >= ROWS_MIN_LEN
+    if long_rows and 2 * plan.num_assignments >= plan.num_tokens and plan.row_adapters is not None:
+        return "rows"
     gathered = 0 if plan.pads_all_adapters else len(plan.adapters)
-    costs = {"padded": (plan.padded_groups * plan.max_count - plan.num_assignments + WEIGHT_COPY * gathered) * per_token,
-             "segmented": 2 * len(plan.adapters) * OP_COST}
-    rows = plan.row_adapters
-    if rows is not None:
-        costs["rows"] = (WEIGHT_COPY * rows.numel() + plan.num_tokens - plan.num_assignments) * per_token
-    return min(costs, key=costs.get)
+    wasted = (plan.padded_groups * plan.max_count - plan.num_assignments + WEIGHT_COPY * gathered) * rank * (d_in + d_out)
+    return "padded" if wasted <= 2 * len(plan.adapters) * OP_COST else "segmented"
 
 
 def assignment_scale(plan: AdapterPlan, weights: torch.Tensor | None, scaling, dtype) -> torch.Tensor | float:

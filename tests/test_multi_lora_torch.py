@@ -169,8 +169,13 @@ def test_layout_pick_at_serving_shapes():
     """Prefill in oracle routing runs rows; a decode step (one token per row, many adapters) runs padded groups."""
     g = torch.Generator().manual_seed(0)
     prefill = torch.randint(0, 10, (8,), generator=g).repeat_interleave(128)
-    assert tml.pick_layout(plan_adapters(prefill, 10, row_len=128), 16, 1024, 1024) == "rows"
+    for d_in, d_out in [(1024, 1024), (1024, 2816), (2816, 1024)]:  # attention and MLP projections
+        assert tml.pick_layout(plan_adapters(prefill, 10, row_len=128), 16, d_in, d_out) == "rows"
     decode = torch.randint(0, 10, (32,), generator=g)
     assert tml.pick_layout(plan_adapters(decode, 10, row_len=1), 16, 1024, 1024) == "padded"
     assert tml.pick_layout(plan_adapters(prefill, 10), 16, 1024, 1024) == "segmented"  # no row structure known
+    short = torch.randint(0, 10, (32,), generator=g).repeat_interleave(4)
+    assert tml.pick_layout(plan_adapters(short, 10, row_len=4), 16, 1024, 1024) != "rows"  # weights gathered per short row
+    idle = torch.tensor([3, -1, -1, -1]).repeat_interleave(128)
+    assert tml.pick_layout(plan_adapters(idle, 10, row_len=128), 16, 1024, 1024) != "rows"  # most rows would be zeroed
 
