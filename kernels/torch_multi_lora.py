@@ -54,6 +54,11 @@ def assignment_scale(plan: AdapterPlan, weights: torch.Tensor | None, scaling, d
     return coef
 
 
+def token_order(plan: AdapterPlan, coef: torch.Tensor) -> torch.Tensor:
+    """[T] per-token factors from per-assignment ones in sorted order (top-1 plans; 0 where no adapter)."""
+    return coef.new_zeros(plan.num_tokens).index_copy(0, plan.sorted_token, coef)
+
+
 def _padded(x, lora_a, lora_b, plan: AdapterPlan, coef):
     """[G*L] token index and [G*L, d_out] LoRA outputs, groups padded to the largest."""
     a_t, b_t = lora_a.transpose(1, 2), lora_b.transpose(1, 2)  # [K, d_in, r], [K, r, d_out]: the stored orientation
@@ -80,8 +85,8 @@ def _segmented(x, lora_a, lora_b, plan: AdapterPlan, coef):
     """[N] token index (None: every token, in token order) and the LoRA outputs, one matmul pair per segment."""
     runs = _runs(plan)
     if runs is not None:  # slices of x in token order: no gather, no scatter
-        if isinstance(coef, torch.Tensor):  # per-assignment factors, sorted order -> token order
-            coef = coef.new_zeros(plan.num_tokens).index_copy(0, plan.sorted_token, coef)
+        if isinstance(coef, torch.Tensor):
+            coef = token_order(plan, coef)
         pieces = []
         for adapter, start, count in runs:
             if adapter < 0:
@@ -106,8 +111,8 @@ def _rows(x, lora_a, lora_b, plan: AdapterPlan, coef, out, in_place: bool):
     rows, seq = ids.numel(), plan.row_len
     safe = ids.clamp(min=0)  # rows without an adapter run adapter 0 and are zeroed by the scale
     h = torch.bmm(x.reshape(rows, seq, -1), lora_a.transpose(1, 2).index_select(0, safe))  # [B, S, r]
-    if isinstance(coef, torch.Tensor):  # per-assignment factors, sorted order -> token order (0 where no adapter)
-        scale = coef.new_zeros(plan.num_tokens).index_copy(0, plan.sorted_token, coef).view(rows, seq, 1)
+    if isinstance(coef, torch.Tensor):
+        scale = token_order(plan, coef).view(rows, seq, 1)
     else:
         scale = ((ids >= 0).to(h.dtype) * coef).view(rows, 1, 1)
     h = h.mul_(scale) if in_place else h * scale
