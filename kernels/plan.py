@@ -60,7 +60,7 @@ class AdapterPlan:
     def row_adapters(self) -> torch.Tensor | None:
         """[B] adapter of each row (-1: none) when every row of `row_len` tokens takes one adapter in a
         single slot, else None. Oracle routing and training under gold routing give such plans."""
-        if self.row_len is None or self.top_k != 1 or self.num_tokens == 0 or self.num_tokens % self.row_len:
+        if self.row_len is None or self.top_k != 1 or self.num_tokens == 0:  # plan_adapters checked row_len divides T
             return None
         rows = self.ids[:, 0].view(-1, self.row_len)
         return rows[:, 0].clone() if bool((rows == rows[:, :1]).all()) else None
