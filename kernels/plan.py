@@ -116,6 +116,17 @@ class AdapterPlan:
         return cache[key]
 
     @cached_property
+    def padded_slot(self) -> torch.Tensor | None:
+        """[T] flat position of each token's entry in the [G, L] padded layout, when every token has
+        exactly one assignment (top-1, no -1): the padded output is then read back in token order with
+        a gather instead of scattered with an index_add. None otherwise."""
+        if self.top_k != 1 or self.num_assignments != self.num_tokens:
+            return None
+        flat = self.padded_valid.reshape(-1)
+        positions = torch.arange(flat.numel(), device=self.ids.device)[flat]
+        return torch.empty_like(self.sorted_token).index_copy_(0, self.padded_token.reshape(-1)[flat], positions)
+
+    @cached_property
     def padded_valid(self) -> torch.Tensor:
         """[G, L] bool: which padded entries are real assignments."""
         counts, _ = self._group_counts_offsets

@@ -59,9 +59,9 @@ def token_order(plan: AdapterPlan, coef: torch.Tensor) -> torch.Tensor:
     return coef.new_zeros(plan.num_tokens).index_copy(0, plan.sorted_token, coef)
 
 
-def _padded(x, lora_a, lora_b, plan: AdapterPlan, coef):
-    """[G*L] token index and [G*L, d_out] LoRA outputs, groups padded to the largest."""
-    a_t, b_t = lora_a.transpose(1, 2), lora_b.transpose(1, 2)  # [K, d_in, r], [K, r, d_out]: the stored orientation
+def _padded(x, a_t, b_t, plan: AdapterPlan, coef):
+    """Token index and LoRA outputs, groups padded to the largest: [G*L] and [G*L, d_out], or, when every
+    token has one assignment, None and the outputs read back in token order ([T, d_out])."""
     if not plan.pads_all_adapters:
         a_t, b_t = a_t.index_select(0, plan.adapters_tensor), b_t.index_select(0, plan.adapters_tensor)
     index = plan.padded_token.reshape(-1)
@@ -72,7 +72,9 @@ def _padded(x, lora_a, lora_b, plan: AdapterPlan, coef):
         h = h * plan.padded_scale(coef, h.dtype)
     else:
         h.mul_(plan.padded_scale(coef, h.dtype))
-    return index, torch.bmm(h, b_t).reshape(index.shape[0], -1)
+    y = torch.bmm(h, b_t).reshape(index.shape[0], -1)
+    slot = plan.padded_slot
+    return (index, y) if slot is None else (None, y.index_select(0, slot))
 
 
 def _runs(plan: AdapterPlan):
@@ -81,7 +83,7 @@ def _runs(plan: AdapterPlan):
     return runs if runs is not None and len(runs) <= 2 * max(len(plan.adapters), 1) else None
 
 
-def _segmented(x, lora_a, lora_b, plan: AdapterPlan, coef):
+def _segmented(x, a_t, b_t, plan: AdapterPlan, coef):
     """[N] token index (None: every token, in token order) and the LoRA outputs, one matmul pair per segment."""
     runs = _runs(plan)
     if runs is not None:  # slices of x in token order: no gather, no scatter
@@ -90,37 +92,37 @@ def _segmented(x, lora_a, lora_b, plan: AdapterPlan, coef):
         pieces = []
         for adapter, start, count in runs:
             if adapter < 0:
-                pieces.append(x.new_zeros(count, lora_b.shape[1], dtype=lora_b.dtype))
+                pieces.append(x.new_zeros(count, b_t.shape[2], dtype=b_t.dtype))
                 continue
-            h = x[start : start + count] @ lora_a[adapter].t()
+            h = x[start : start + count] @ a_t[adapter]
             h = h * (coef[start : start + count, None] if isinstance(coef, torch.Tensor) else coef)
-            pieces.append(h @ lora_b[adapter].t())
+            pieces.append(h @ b_t[adapter])
         return None, torch.cat(pieces) if len(pieces) > 1 else pieces[0]
     xs = x.index_select(0, plan.sorted_token)
     pieces = []
     for adapter, start, count in zip(plan.adapters, plan.offsets, plan.counts):
-        h = xs[start : start + count] @ lora_a[adapter].t()
+        h = xs[start : start + count] @ a_t[adapter]
         h = h * (coef[start : start + count, None] if isinstance(coef, torch.Tensor) else coef)
-        pieces.append(h @ lora_b[adapter].t())
+        pieces.append(h @ b_t[adapter])
     return plan.sorted_token, torch.cat(pieces) if len(pieces) > 1 else pieces[0]
 
 
-def _rows(x, lora_a, lora_b, plan: AdapterPlan, coef, out, in_place: bool):
+def _rows(x, a_t, b_t, plan: AdapterPlan, coef, out, in_place: bool):
     """Each row of `row_len` tokens against its own adapter: x as [B, S, d_in], weights gathered per row."""
     ids = plan.row_adapters
     rows, seq = ids.numel(), plan.row_len
     safe = ids.clamp(min=0)  # rows without an adapter run adapter 0 and are zeroed by the scale
-    h = torch.bmm(x.reshape(rows, seq, -1), lora_a.transpose(1, 2).index_select(0, safe))  # [B, S, r]
+    h = torch.bmm(x.reshape(rows, seq, -1), a_t.index_select(0, safe))  # [B, S, r]
     if isinstance(coef, torch.Tensor):
         scale = token_order(plan, coef).view(rows, seq, 1)
     else:
         scale = ((ids >= 0).to(h.dtype) * coef).view(rows, 1, 1)
     h = h.mul_(scale) if in_place else h * scale
-    b_t = lora_b.transpose(1, 2).index_select(0, safe)  # [B, r, d_out]
+    b_rows = b_t.index_select(0, safe)  # [B, r, d_out]
     if in_place and out.dtype == h.dtype and out.is_contiguous():
-        out.view(rows, seq, -1).baddbmm_(h, b_t)
+        out.view(rows, seq, -1).baddbmm_(h, b_rows)
         return out
-    y = torch.bmm(h, b_t).view(plan.num_tokens, -1).to(out.dtype)
+    y = torch.bmm(h, b_rows).view(plan.num_tokens, -1).to(out.dtype)
     return out.add_(y) if in_place else out + y
 
 
@@ -135,9 +137,10 @@ def multi_lora_torch(x, lora_a, lora_b, plan: AdapterPlan, weights=None, scaling
     tracked = torch.is_grad_enabled() and (any(t.requires_grad for t in (out, x, lora_a, lora_b))
                                            or isinstance(coef, torch.Tensor) and coef.requires_grad)
     layout = pick_layout(plan, lora_a.shape[1], lora_a.shape[2], lora_b.shape[1])
+    a_t, b_t = lora_a.transpose(1, 2), lora_b.transpose(1, 2)  # [K, d_in, r], [K, r, d_out]: x @ a_t, h @ b_t
     if layout == "rows":
-        return _rows(x, lora_a, lora_b, plan, coef, out, in_place=not tracked)
-    index, y = (_padded if layout == "padded" else _segmented)(x, lora_a, lora_b, plan, coef)
+        return _rows(x, a_t, b_t, plan, coef, out, in_place=not tracked)
+    index, y = (_padded if layout == "padded" else _segmented)(x, a_t, b_t, plan, coef)
     y = y if y.dtype == out.dtype else y.to(out.dtype)
     if tracked:
         return out + y if index is None else out.index_add(0, index, y)

@@ -49,6 +49,21 @@ def test_gradcheck(layout):
                                     (x, a, b, w, base))
 
 
+def test_every_token_one_adapter(layout):
+    """Top-1 with no -1 (a decode step under oracle routing): the padded outputs are read back in token order."""
+    x, a, b, ids, w, base, scaling = make_inputs(23, 4, 3, 9, 7, none_share=0.0, seed=3)
+    plan = plan_adapters(ids, 4)
+    assert plan.padded_slot is not None and plan_adapters(torch.tensor([0, -1, 1]), 2).padded_slot is None
+    assert plan_adapters(ids.repeat(1, 2), 4).padded_slot is None  # two slots per token: scattered
+    want = multi_lora_naive(x, a, b, ids, weights=w, scaling=scaling, base_out=base)
+    torch.testing.assert_close(multi_lora(x, a, b, plan, weights=w, scaling=scaling, base_out=base.clone()), want)
+    torch.testing.assert_close(multi_lora(x, a, b, plan, scaling=1.5), multi_lora_naive(x, a, b, ids, scaling=1.5))
+    for t in (x, a, b, w, base):
+        t.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda *t: multi_lora(t[0], t[1], t[2], plan, weights=t[3], scaling=scaling, base_out=t[4] * 1),
+                                    (x, a, b, w, base))
+
+
 def test_all_none_and_empty():
     x, a, b, ids, w, base, scaling = make_inputs(7, 3, 2, 6, 5)
     none = torch.full((7,), -1)

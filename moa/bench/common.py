@@ -12,7 +12,13 @@ import torch
 
 def _stats(times_ms: list[float]) -> dict:
     q = torch.tensor(times_ms).quantile(torch.tensor([0.2, 0.5, 0.8])).tolist()
-    return {"ms_p20": q[0], "ms_median": q[1], "ms_p80": q[2], "repeat": len(times_ms)}
+    return {"ms_p20": q[0], "ms_median": q[1], "ms_p80": q[2], "repeat": len(times_ms), "ms_rounds": times_ms}
+
+
+def paired_ratio(num: dict, den: dict) -> float:
+    """Median over rounds of num's time / den's time, from two `time_interleaved` entries: each round's
+    calls ran back to back, so a drift of the machine's speed cancels in the ratio."""
+    return float(torch.tensor([a / b for a, b in zip(num["ms_rounds"], den["ms_rounds"])]).median())
 
 
 def time_interleaved(fns: dict, warmup: int = 3, repeat: int = 20) -> dict:

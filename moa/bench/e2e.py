@@ -3,6 +3,8 @@
 Providers: `base` (the model alone), `moa` (MoA, a mixed-culture batch, oracle routing),
 `peft_single` (PEFT, one adapter for every row) and `peft_mixed` (PEFT, `adapter_names=` over the
 same mixed batch). Phases: `decode` (one new token per row over a KV cache) and `prefill`.
+The providers run in turn, one call each per round; "vs base" is the median over rounds of the base
+model's time over the provider's (a drift of the machine's speed cancels within a round).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import moa
-from moa.bench.common import print_table, stamp, time_interleaved, write_json
+from moa.bench.common import paired_ratio, print_table, stamp, time_interleaved, write_json
 
 HELP = "end-to-end tokens/s: base model, MoA mixed batch, PEFT single and mixed adapters"
 PROVIDERS = ("base", "moa", "peft_single", "peft_mixed")
@@ -33,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--decode-context", type=int, default=64, help="tokens already in the KV cache")
     parser.add_argument("--prefill-batch", type=int, default=8)
     parser.add_argument("--prefill-length", type=int, default=128)
-    parser.add_argument("--repeat", type=int, default=20, help="timed calls per measurement (median reported)")
+    parser.add_argument("--repeat", type=int, default=20, help="timed rounds for decode (prefill: half as many, at least 5)")
     parser.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated subset of " + ",".join(PROVIDERS))
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -85,6 +87,11 @@ def forward_fn(name, model, input_ids, cultures, names, cache=None):
     return lambda: model(**kwargs)
 
 
+def _vs_base(stats: dict, name: str) -> float | None:
+    """Speed relative to the base model: the median over rounds of base time / this provider's time."""
+    return paired_ratio(stats["base"], stats[name]) if "base" in stats else None
+
+
 def run(args) -> int:
     torch.manual_seed(args.seed)
     models = build_models(args)
@@ -102,23 +109,22 @@ def run(args) -> int:
             forward_fn(name, model, prompt, cultures, names, cache)()
             one_step = forward_fn(name, model, step, cultures, names, cache)
             decode[name] = lambda one_step=one_step, cache=cache: (one_step(), cache.crop(-1))
-        for name, stats in time_interleaved(decode, repeat=args.repeat).items():
-            results.append({"phase": "decode", "provider": name, "tokens": batch, **stats,
-                            "tokens_per_s": batch / stats["ms_median"] * 1e3})
+        stats = time_interleaved(decode, repeat=args.repeat)
+        for name in decode:
+            results.append({"phase": "decode", "provider": name, "tokens": batch, **stats[name],
+                            "tokens_per_s": batch / stats[name]["ms_median"] * 1e3, "vs_base": _vs_base(stats, name)})
         # prefill: a whole mixed batch of prompts, no cache
         batch, length = args.prefill_batch, args.prefill_length
         cultures = torch.randint(0, args.cultures, (batch,), device=args.device)
         prompt = torch.randint(0, args.vocab, (batch, length), device=args.device)
         prefill = {name: forward_fn(name, model, prompt, cultures, names) for name, model in models.items()}
-        for name, stats in time_interleaved(prefill, warmup=2, repeat=max(3, args.repeat // 4)).items():
-            results.append({"phase": "prefill", "provider": name, "tokens": batch * length, **stats,
-                            "tokens_per_s": batch * length / stats["ms_median"] * 1e3})
-    for row in results:
-        base = next((r for r in results if r["phase"] == row["phase"] and r["provider"] == "base"), None)
-        row["vs_base"] = row["tokens_per_s"] / base["tokens_per_s"] if base else None
+        stats = time_interleaved(prefill, warmup=2, repeat=max(5, args.repeat // 2))
+        for name in prefill:
+            results.append({"phase": "prefill", "provider": name, "tokens": batch * length, **stats[name],
+                            "tokens_per_s": batch * length / stats[name]["ms_median"] * 1e3, "vs_base": _vs_base(stats, name)})
     table = print_table(results, [("phase", "phase", "s"), ("provider", "provider", "s"), ("tokens", "tokens", "d"),
                                   ("ms_median", "ms (median)", ".2f"), ("ms_p20", "p20", ".2f"), ("ms_p80", "p80", ".2f"),
-                                  ("tokens_per_s", "tokens/s", ".0f"), ("vs_base", "vs base", ".3f")])
+                                  ("tokens_per_s", "tokens/s", ".0f"), ("vs_base", "vs base (paired)", ".3f")])
     write_json(args.json, {"bench": "e2e", **stamp(), "args": vars(args) | {"_run": None, "_bench_run": None},
                            "results": results, "table": table})
     return 0
