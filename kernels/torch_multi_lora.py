@@ -9,7 +9,10 @@ differentiable torch ops (autograd gives grad x, A, B and weights):
   training: no reorder of the tokens, two ops however many adapters);
 * padded: the groups are padded to the largest one and run as two `bmm`s, a constant number of
   ops however many adapters the batch mixes (decode: few tokens per adapter); the groups are all
-  K adapters when at least half are used (no copy of the weights), else the used ones;
+  K adapters when at least half are used (no copy of the weights), else the used ones. When every
+  token has one adapter (a decode step under oracle routing) the outputs are read back in token
+  order (`plan.padded_slot`) and scaled in the accumulation: padding is never read, so it needs no
+  zeroing op;
 * segmented: one pair of matmuls per used adapter over its contiguous slice (many tokens per
   adapter in no row structure, e.g. a learned router's choices). When the tokens come in few runs
   of one adapter (`plan.token_runs`) the slices are taken from x in token order and the result
@@ -60,21 +63,25 @@ def token_order(plan: AdapterPlan, coef: torch.Tensor) -> torch.Tensor:
 
 
 def _padded(x, a_t, b_t, plan: AdapterPlan, coef):
-    """Token index and LoRA outputs, groups padded to the largest: [G*L] and [G*L, d_out], or, when every
-    token has one assignment, None and the outputs read back in token order ([T, d_out])."""
+    """(token index, LoRA outputs, factor) with the groups padded to the largest: a [G*L] index and
+    [G*L, d_out] outputs whose padding entries are zeroed, or, when every token has one assignment, no
+    index and the outputs read back in token order ([T, d_out]); padding is then never read, and a
+    uniform scale is left to the accumulation (factor) instead of an op on the shrink."""
     if not plan.pads_all_adapters:
         a_t, b_t = a_t.index_select(0, plan.adapters_tensor), b_t.index_select(0, plan.adapters_tensor)
     index = plan.padded_token.reshape(-1)
     h = torch.bmm(x.index_select(0, index).view(*plan.padded_token.shape, -1), a_t)  # [G, L, r]
+    slot, alpha = plan.padded_slot, 1.0
     if isinstance(coef, torch.Tensor):
         h = h * torch.where(plan.padded_valid, coef[plan.padded_index], torch.zeros_like(coef[:1]))[..., None]
+    elif slot is not None:
+        alpha = coef
     elif torch.is_grad_enabled():
         h = h * plan.padded_scale(coef, h.dtype)
     else:
         h.mul_(plan.padded_scale(coef, h.dtype))
     y = torch.bmm(h, b_t).reshape(index.shape[0], -1)
-    slot = plan.padded_slot
-    return (index, y) if slot is None else (None, y.index_select(0, slot))
+    return (index, y, alpha) if slot is None else (None, y.index_select(0, slot), alpha)
 
 
 def _runs(plan: AdapterPlan):
@@ -84,7 +91,8 @@ def _runs(plan: AdapterPlan):
 
 
 def _segmented(x, a_t, b_t, plan: AdapterPlan, coef):
-    """[N] token index (None: every token, in token order) and the LoRA outputs, one matmul pair per segment."""
+    """(token index, LoRA outputs, factor 1): [N] index (None: every token, in token order), one matmul
+    pair per segment."""
     runs = _runs(plan)
     if runs is not None:  # slices of x in token order: no gather, no scatter
         if isinstance(coef, torch.Tensor):
@@ -97,14 +105,14 @@ def _segmented(x, a_t, b_t, plan: AdapterPlan, coef):
             h = x[start : start + count] @ a_t[adapter]
             h = h * (coef[start : start + count, None] if isinstance(coef, torch.Tensor) else coef)
             pieces.append(h @ b_t[adapter])
-        return None, torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+        return None, torch.cat(pieces) if len(pieces) > 1 else pieces[0], 1.0
     xs = x.index_select(0, plan.sorted_token)
     pieces = []
     for adapter, start, count in zip(plan.adapters, plan.offsets, plan.counts):
         h = xs[start : start + count] @ a_t[adapter]
         h = h * (coef[start : start + count, None] if isinstance(coef, torch.Tensor) else coef)
         pieces.append(h @ b_t[adapter])
-    return plan.sorted_token, torch.cat(pieces) if len(pieces) > 1 else pieces[0]
+    return plan.sorted_token, torch.cat(pieces) if len(pieces) > 1 else pieces[0], 1.0
 
 
 def _rows(x, a_t, b_t, plan: AdapterPlan, coef, out, in_place: bool):
@@ -140,11 +148,11 @@ def multi_lora_torch(x, lora_a, lora_b, plan: AdapterPlan, weights=None, scaling
     a_t, b_t = lora_a.transpose(1, 2), lora_b.transpose(1, 2)  # [K, d_in, r], [K, r, d_out]: x @ a_t, h @ b_t
     if layout == "rows":
         return _rows(x, a_t, b_t, plan, coef, out, in_place=not tracked)
-    index, y = (_padded if layout == "padded" else _segmented)(x, a_t, b_t, plan, coef)
+    index, y, alpha = (_padded if layout == "padded" else _segmented)(x, a_t, b_t, plan, coef)
     y = y if y.dtype == out.dtype else y.to(out.dtype)
     if tracked:
-        return out + y if index is None else out.index_add(0, index, y)
-    return out.add_(y) if index is None else out.index_add_(0, index, y)
+        return torch.add(out, y, alpha=alpha) if index is None else out.index_add(0, index, y, alpha=alpha)
+    return out.add_(y, alpha=alpha) if index is None else out.index_add_(0, index, y, alpha=alpha)
 
 
 def multi_lora_naive(x, lora_a, lora_b, adapter_ids, weights=None, scaling=1.0, base_out=None):

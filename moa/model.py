@@ -100,6 +100,7 @@ class MoAForCausalLM(nn.Module):
         self.routing_key = object()  # tags this model's routing calls
         self.lora_layers: dict[str, MoALinear] = {}  # original module name -> wrapper
         self.routers = nn.ModuleList()
+        self._oracle_plans: dict = {}  # oracle plans shared by this model's calls (see RoutingCall.oracle_plan)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -154,21 +155,25 @@ class MoAForCausalLM(nn.Module):
 
     def culture_ids(self, cultures) -> torch.Tensor:
         """LongTensor [B] of culture ids from names, ints (-1 = base model) or a tensor; range-checked."""
+        return self._culture_ids(cultures)[0]
+
+    def _culture_ids(self, cultures) -> tuple[torch.Tensor, tuple]:
+        """(ids [B] on the model's device, the same ids as a tuple of ints)."""
         if isinstance(cultures, torch.Tensor):
             if cultures.dtype.is_floating_point or cultures.dim() != 1:
                 raise ValueError(f"culture_ids must be an integer tensor of shape [B], got {cultures.dtype} {tuple(cultures.shape)}")
-            ids = cultures.long()
-            if ids.numel():
-                lo, hi = int(ids.min()), int(ids.max())
-                bad = lo if lo < -1 else hi if hi >= self.config.num_cultures else None
-                if bad is not None:
-                    raise ValueError(f"culture id {bad} out of range: expected -1 (base model) or 0..{self.config.num_cultures - 1}")
-            return ids.to(self.device)
-        return torch.tensor([self.config.culture_id(c) for c in cultures], dtype=torch.long, device=self.device)
+            values = tuple(cultures.tolist())
+            bad = next((v for v in values if not -1 <= v < self.config.num_cultures), None)
+            if bad is not None:
+                raise ValueError(f"culture id {bad} out of range: expected -1 (base model) or 0..{self.config.num_cultures - 1}")
+            return cultures.to(self.device, torch.long), values
+        values = tuple(self.config.culture_id(c) for c in cultures)
+        return torch.tensor(values, dtype=torch.long, device=self.device), values
 
     def _routing_call(self, routing, culture_ids, top_k, batch, collect_logits=True) -> RoutingCall:
+        culture_key = None
         if culture_ids is not None:
-            culture_ids = self.culture_ids(culture_ids)
+            culture_ids, culture_key = self._culture_ids(culture_ids)
             if culture_ids.shape[0] != batch:
                 raise ValueError(f"culture_ids has {culture_ids.shape[0]} entries but the batch has {batch} rows")
         if routing is None:
@@ -182,7 +187,8 @@ class MoAForCausalLM(nn.Module):
         if routing == "topk" and not 1 <= top_k <= self.config.num_cultures:
             raise ValueError(f"top_k must be in 1..{self.config.num_cultures}, got {top_k}")
         return RoutingCall(owner=self.routing_key, mode=routing, num_cultures=self.config.num_cultures,
-                           culture_ids=culture_ids, top_k=top_k, collect_logits=collect_logits)
+                           culture_ids=culture_ids, culture_key=culture_key, top_k=top_k, collect_logits=collect_logits,
+                           oracle_plans=self._oracle_plans)
 
     # ------------------------------------------------------------------ forward / generate
     def forward(self, input_ids=None, attention_mask=None, labels=None, culture_ids=None, routing=None, top_k=None,

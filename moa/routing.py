@@ -18,6 +18,7 @@ from torch import nn
 
 from moa.kernels import AdapterPlan, plan_adapters
 
+MAX_SHARED_PLANS = 8  # oracle plans a model keeps across calls (batch compositions served in turn)
 _CURRENT: contextvars.ContextVar["RoutingCall | None"] = contextvars.ContextVar("moa_routing_call", default=None)
 
 
@@ -29,25 +30,30 @@ class RoutingCall:
     mode: str  # "oracle" | "router" | "topk"
     num_cultures: int
     culture_ids: torch.Tensor | None = None  # [B] long, -1 = base model
+    culture_key: tuple | None = None  # culture_ids as a tuple of ints (the plan cache's key)
     top_k: int = 1
     attention_mask: torch.Tensor | None = None  # [B, S_total] of the current step, captured per base forward
     collect_logits: bool = True
     router_logits: list = field(default_factory=list)  # per layer [B, S, K]
     active: tuple | None = None  # (plan, weights) of the decoder layer running now
     router_input: torch.Tensor | None = None  # hidden states entering the first decoder layer, this step
-    _oracle_plans: dict = field(default_factory=dict)
+    oracle_plans: dict = field(default_factory=dict)  # (ids, batch, seq, device) -> plan; the model shares one across calls
 
     def oracle_plan(self, batch: int, seq: int, device) -> AdapterPlan:
-        """Every token takes its row's culture; built once per shape and shared by all layers."""
-        key = (batch, seq)
-        if key not in self._oracle_plans:
-            ids = self.culture_ids.to(device)
-            if ids.shape[0] != batch:
-                if batch % ids.shape[0]:
-                    raise ValueError(f"culture_ids has {ids.shape[0]} rows but the batch has {batch}")
-                ids = ids.repeat_interleave(batch // ids.shape[0])
-            self._oracle_plans[key] = plan_adapters(ids[:, None].expand(batch, seq).reshape(-1), self.num_cultures, row_len=seq)
-        return self._oracle_plans[key]
+        """Every token takes its row's culture; built once per culture ids and shape and shared by all
+        layers (and, through the model's `oracle_plans`, by later calls: every decode step of a batch)."""
+        ids = self.culture_ids
+        if ids.shape[0] != batch and batch % ids.shape[0]:
+            raise ValueError(f"culture_ids has {ids.shape[0]} rows but the batch has {batch}")
+        key = (self.culture_key, batch, seq, str(device))
+        plan = self.oracle_plans.get(key)
+        if plan is None:
+            ids = ids.to(device).repeat_interleave(batch // ids.shape[0])
+            plan = plan_adapters(ids[:, None].expand(batch, seq).reshape(-1), self.num_cultures, row_len=seq)
+            if len(self.oracle_plans) >= MAX_SHARED_PLANS:
+                self.oracle_plans.pop(next(iter(self.oracle_plans)))  # the oldest
+            self.oracle_plans[key] = plan
+        return plan
 
     def route(self, logits: torch.Tensor) -> tuple[AdapterPlan, torch.Tensor | None]:
         """Adapter plan and per-token weights for one layer, from its gate logits [B, S, K]."""

@@ -59,6 +59,29 @@ def test_minus_one_is_the_base_model(base):
         torch.testing.assert_close(out[0], base(input_ids=ids[:1]).logits[0])
 
 
+def test_oracle_plans_are_shared_by_later_calls(base, monkeypatch):
+    """A decode loop calling forward once per step with the same cultures builds the routing plan once."""
+    from moa import routing
+
+    model = moa_model(base).eval()
+    randomize_adapters(model)
+    built = []
+    plan_adapters = routing.plan_adapters
+    monkeypatch.setattr(routing, "plan_adapters", lambda *a, **k: built.append(a[0].shape) or plan_adapters(*a, **k))
+    ids = tokens(3, 5)
+    with torch.no_grad():
+        first = model(input_ids=ids, culture_ids=[0, 2, 1], routing="oracle").logits
+        again = model(input_ids=ids, culture_ids=torch.tensor([0, 2, 1]), routing="oracle").logits
+        assert len(built) == 1 and torch.equal(first, again)
+        other = model(input_ids=ids, culture_ids=[1, 2, 1], routing="oracle").logits  # other cultures: a new plan
+        assert len(built) == 2 and (other[0] - first[0]).abs().max() > 1e-3
+        torch.testing.assert_close(other[1:], first[1:])
+        for length in range(1, 6):  # 15 more (cultures, shape) keys: only the newest few are kept
+            for culture in (-1, 0, 1):
+                model(input_ids=ids[:1, :length], culture_ids=[culture], routing="oracle")
+    assert len(model._oracle_plans) == routing.MAX_SHARED_PLANS
+
+
 def test_export_loads_in_peft(base, tmp_path):
     model = moa_model(base).eval()
     randomize_adapters(model, seed=3)
