@@ -14,7 +14,7 @@ from transformers.utils import ModelOutput
 from moa.atomic import atomic_directory
 from moa.config import ROUTING_MODES, MoAConfig
 from moa.layers import MoALinear, wrap_linear
-from moa.routing import RoutingCall, TokenRouter, current_call, replay_routing_context, routing_call
+from moa.routing import PlanCache, RoutingCall, TokenRouter, current_call, replay_routing_context, routing_call
 
 CONFIG_NAME = "moa_config.json"
 WEIGHTS_NAME = "moa_adapters.safetensors"
@@ -100,7 +100,7 @@ class MoAForCausalLM(nn.Module):
         self.routing_key = object()  # tags this model's routing calls
         self.lora_layers: dict[str, MoALinear] = {}  # original module name -> wrapper
         self.routers = nn.ModuleList()
-        self._oracle_plans: dict = {}  # oracle plans shared by this model's calls (see RoutingCall.oracle_plan)
+        self._oracle_plans = PlanCache()  # oracle plans shared by this model's calls
 
     # ------------------------------------------------------------------ construction
     @classmethod

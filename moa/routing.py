@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import threading
 from dataclasses import dataclass, field
 
 import torch
@@ -18,8 +19,38 @@ from torch import nn
 
 from moa.kernels import AdapterPlan, plan_adapters
 
-MAX_SHARED_PLANS = 8  # oracle plans a model keeps across calls (batch compositions served in turn)
 _CURRENT: contextvars.ContextVar["RoutingCall | None"] = contextvars.ContextVar("moa_routing_call", default=None)
+
+
+class PlanCache:
+    """Oracle plans shared by a model's calls, keyed by (culture ids, batch, seq, device): a decode loop
+    calling forward once per step builds its plan once. Keeps the `size` newest; thread-safe; a copy
+    (deepcopy, pickle) starts empty."""
+
+    def __init__(self, size: int = 8):
+        self.size = size
+        self._plans: dict = {}
+        self._lock = threading.Lock()
+
+    def get(self, key, build) -> AdapterPlan:
+        with self._lock:
+            plan = self._plans.get(key)
+        if plan is None:
+            plan = build()
+            with self._lock:
+                if key not in self._plans and len(self._plans) >= self.size:
+                    self._plans.pop(next(iter(self._plans)))  # the oldest
+                self._plans[key] = plan
+        return plan
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+    def __getstate__(self) -> dict:
+        return {"size": self.size}
+
+    def __setstate__(self, state: dict):
+        self.__init__(state["size"])
 
 
 @dataclass(eq=False)
@@ -30,14 +61,18 @@ class RoutingCall:
     mode: str  # "oracle" | "router" | "topk"
     num_cultures: int
     culture_ids: torch.Tensor | None = None  # [B] long, -1 = base model
-    culture_key: tuple | None = None  # culture_ids as a tuple of ints (the plan cache's key)
+    culture_key: tuple | None = None  # culture_ids as a tuple of ints (derived when not given)
     top_k: int = 1
     attention_mask: torch.Tensor | None = None  # [B, S_total] of the current step, captured per base forward
     collect_logits: bool = True
     router_logits: list = field(default_factory=list)  # per layer [B, S, K]
     active: tuple | None = None  # (plan, weights) of the decoder layer running now
     router_input: torch.Tensor | None = None  # hidden states entering the first decoder layer, this step
-    oracle_plans: dict = field(default_factory=dict)  # (ids, batch, seq, device) -> plan; the model shares one across calls
+    oracle_plans: PlanCache = field(default_factory=PlanCache)  # the model passes the one its calls share
+
+    def __post_init__(self):
+        if self.culture_ids is not None and self.culture_key is None:
+            self.culture_key = tuple(self.culture_ids.tolist())
 
     def oracle_plan(self, batch: int, seq: int, device) -> AdapterPlan:
         """Every token takes its row's culture; built once per culture ids and shape and shared by all
@@ -45,15 +80,12 @@ class RoutingCall:
         ids = self.culture_ids
         if ids.shape[0] != batch and batch % ids.shape[0]:
             raise ValueError(f"culture_ids has {ids.shape[0]} rows but the batch has {batch}")
-        key = (self.culture_key, batch, seq, str(device))
-        plan = self.oracle_plans.get(key)
-        if plan is None:
-            ids = ids.to(device).repeat_interleave(batch // ids.shape[0])
-            plan = plan_adapters(ids[:, None].expand(batch, seq).reshape(-1), self.num_cultures, row_len=seq)
-            if len(self.oracle_plans) >= MAX_SHARED_PLANS:
-                self.oracle_plans.pop(next(iter(self.oracle_plans)))  # the oldest
-            self.oracle_plans[key] = plan
-        return plan
+
+        def build() -> AdapterPlan:
+            rows = ids.to(device).repeat_interleave(batch // ids.shape[0])
+            return plan_adapters(rows[:, None].expand(batch, seq).reshape(-1), self.num_cultures, row_len=seq)
+
+        return self.oracle_plans.get((self.culture_key, batch, seq, str(device)), build)
 
     def route(self, logits: torch.Tensor) -> tuple[AdapterPlan, torch.Tensor | None]:
         """Adapter plan and per-token weights for one layer, from its gate logits [B, S, K]."""
