@@ -10,7 +10,7 @@ setup(
     python_requires=">=3.10",
     packages=moa_packages + ["moa.kernels", "moa.training"],
     package_dir={"moa.kernels": "kernels", "moa.training": "training"},
-    package_data={"moa": ["data/bundled/**/*", "data/bundled/*"]},
+    package_data={"moa": ["data/bundled/**/*", "data/bundled/*"], "moa.kernels": ["csrc/*.cpp"]},
     include_package_data=True,
     install_requires=[
         "torch>=2.4",

@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import torch
 
+from .cpu_multi_lora import multi_lora_cpu
 from .plan import AdapterPlan, plan_adapters
 from .torch_multi_lora import multi_lora_torch
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "cpu", "triton")
+_HOST_BACKENDS = {"torch": multi_lora_torch, "cpu": multi_lora_cpu}  # the backends that run without Triton
 
 
 def _check(x, lora_a, lora_b, plan: AdapterPlan, weights, scaling, base_out):
@@ -32,11 +34,11 @@ def _check(x, lora_a, lora_b, plan: AdapterPlan, weights, scaling, base_out):
 
 
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
-    """"auto" -> "triton" for CUDA tensors, "torch" otherwise; "torch"/"triton" as given."""
+    """"auto" -> "triton" for CUDA tensors, "cpu" otherwise; the others as given."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: expected one of {BACKENDS}")
     if backend == "auto":
-        return "triton" if x.is_cuda else "torch"
+        return "triton" if x.is_cuda else "cpu"
     return backend
 
 
@@ -48,10 +50,11 @@ def multi_lora(x, lora_a, lora_b, adapter_ids, weights=None, scaling=1.0, base_o
     weights: float [T, k] or None (all 1); scaling: float or tensor [K]; base_out: [T, d_out] or None.
     Differentiable w.r.t. x, lora_a, lora_b and weights.
 
-    backend: "torch" (pure torch), "triton" (fused kernels; CUDA tensors, or CPU tensors under
-    TRITON_INTERPRET=1) or "auto" (triton for CUDA tensors, torch otherwise). On both backends, when
-    autograd does not track the call (inference) the result is accumulated into `base_out` in place
-    and `base_out` is returned; under autograd the result is a new tensor.
+    backend: "torch" (pure torch), "cpu" (a native kernel for decode-shaped inference calls on CPU,
+    compiled on first use, the torch path for the rest), "triton" (fused kernels; CUDA tensors, or CPU
+    tensors under TRITON_INTERPRET=1) or "auto" (triton for CUDA tensors, cpu otherwise). On every
+    backend, when autograd does not track the call (inference) the result is accumulated into
+    `base_out` in place and `base_out` is returned; under autograd the result is a new tensor.
     """
     backend = resolve_backend(backend, x)
     plan = adapter_ids if isinstance(adapter_ids, AdapterPlan) else plan_adapters(adapter_ids, lora_a.shape[0])
@@ -60,7 +63,7 @@ def multi_lora(x, lora_a, lora_b, adapter_ids, weights=None, scaling=1.0, base_o
         from .triton_multi_lora import multi_lora_triton  # imports triton only when this backend is used
 
         return multi_lora_triton(x, lora_a, lora_b, plan, weights, scaling, base_out)
-    return multi_lora_torch(x, lora_a, lora_b, plan, weights, scaling, base_out)
+    return _HOST_BACKENDS[backend](x, lora_a, lora_b, plan, weights, scaling, base_out)
 
 
 def multi_lora_sliced(x, lora_a, lora_b, adapter_ids, weights=None, scaling=1.0, base_outs=None, backend="auto"):
@@ -88,4 +91,4 @@ def multi_lora_sliced(x, lora_a, lora_b, adapter_ids, weights=None, scaling=1.0,
         from .triton_multi_lora import multi_lora_triton_sliced
 
         return multi_lora_triton_sliced(x, list(lora_a), list(lora_b), plan, weights, scaling, bases)
-    return [multi_lora_torch(x, a, b, plan, weights, scaling, base) for a, b, base in zip(lora_a, lora_b, bases)]
+    return [_HOST_BACKENDS[backend](x, a, b, plan, weights, scaling, base) for a, b, base in zip(lora_a, lora_b, bases)]

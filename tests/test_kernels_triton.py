@@ -225,7 +225,7 @@ def test_path_rule():
 
 def test_auto_dispatch_and_errors(monkeypatch):
     x = torch.randn(4, 8)
-    assert resolve_backend("auto", x) == "torch"
+    assert resolve_backend("auto", x) == "cpu"
     assert resolve_backend("triton", x) == "triton"
     a, b = torch.randn(2, 4, 8), torch.randn(2, 6, 4)
     ids = torch.tensor([0, 1, -1, 0])
