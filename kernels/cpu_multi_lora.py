@@ -9,8 +9,10 @@ no temporaries beyond [tokens, r]. It is compiled on first use with the machine'
 machine's own instruction set; without a compiler the torch path serves every call, with a warning.
 
 The kernel serves calls autograd does not record, in float32, with one adapter per token, no
-per-token weights, a uniform scale and few tokens per adapter (the torch path would pick its padded
-layout); everything else (prefill's long rows, training, top-k mixes) runs on the torch path.
+per-token weights, a uniform scale and at most `NATIVE_MAX_COUNT` tokens per adapter outside the
+rows layout (measured: as fast or faster than the torch path up to ~32 tokens per adapter at
+K=10, r=16, hidden 1024, 2-3x faster at a decode step's 3); everything else (prefill's long rows,
+training, top-k mixes) runs on the torch path.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from .plan import AdapterPlan
 from .torch_multi_lora import multi_lora_torch, pick_layout
 
 SOURCE = Path(__file__).with_name("csrc") / "lora_decode.cpp"
+NATIVE_MAX_COUNT = 32  # most tokens of one adapter the kernel takes: beyond, the torch path's GEMMs are faster
 _native = None  # the compiled module, False once building failed
 log = logging.getLogger(__name__)
 
@@ -55,8 +58,8 @@ def native_applies(x, lora_a, lora_b, plan: AdapterPlan, weights, scaling, out) 
     if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
         return False
     stored = lora_a.transpose(1, 2).is_contiguous() and lora_b.transpose(1, 2).is_contiguous()
-    return stored and x.is_contiguous() and out.is_contiguous() and \
-        pick_layout(plan, lora_a.shape[1], lora_a.shape[2], lora_b.shape[1]) == "padded"
+    few = plan.max_count <= NATIVE_MAX_COUNT and pick_layout(plan, lora_a.shape[1], lora_a.shape[2], lora_b.shape[1]) != "rows"
+    return stored and x.is_contiguous() and out.is_contiguous() and few
 
 
 def multi_lora_cpu(x, lora_a, lora_b, plan: AdapterPlan, weights=None, scaling=1.0, base_out=None):

@@ -39,6 +39,7 @@ def decode_ids(T, K, none_share, seed=0):
     (17, 6, 8, 40, 130, 0.3),  # rows without an adapter; d_out not a multiple of the kernel's 64-wide blocks
     (9, 4, 12, 33, 7, 0.2),  # r not a multiple of 8
     (5, 3, 4, 16, 64, 0.0),  # fewer tokens than a block of 4
+    (64, 3, 16, 24, 70, 0.1),  # ~20 tokens per adapter: the torch path would not pad these, the kernel still serves them
 ])
 def test_native_matches_definition(kernel, T, K, r, d_in, d_out, none_share):
     a, b = stored(K, r, d_in, d_out)
@@ -66,7 +67,8 @@ def test_auto_runs_the_native_kernel_on_cpu(kernel, monkeypatch):
     torch.testing.assert_close(got, multi_lora_naive(x, a, b, ids, scaling=2.0), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["autograd", "float64", "weights", "tensor_scaling", "top2", "long_rows", "transposed_storage"])
+@pytest.mark.parametrize("case", ["autograd", "float64", "weights", "tensor_scaling", "top2", "long_rows", "many_per_adapter",
+                                  "transposed_storage"])
 def test_other_calls_take_the_torch_path(case, monkeypatch):
     """Only decode-shaped float32 inference calls reach the kernel; every other call still gives the op's result."""
     K, T = 4, 12
@@ -84,6 +86,8 @@ def test_other_calls_take_the_torch_path(case, monkeypatch):
     if case == "long_rows":  # prefill under oracle routing: rows of one adapter, the rows layout's case
         ids, plan_kw = ids[:2].repeat_interleave(16), {"row_len": 16}
         x = torch.randn(32, 16)
+    if case == "many_per_adapter":  # a learned router's prefill choices: long runs, no row structure
+        ids, x = torch.arange(2 * cml.NATIVE_MAX_COUNT + 2) % 2, torch.randn(2 * cml.NATIVE_MAX_COUNT + 2, 16)
     if case == "transposed_storage":
         a, b = a.contiguous(), b.contiguous()
     if case == "autograd":
