@@ -20,6 +20,7 @@ setup(
         "deepspeed>=0.15",
         "triton>=3.0",
         "einops",
+        "ninja",  # builds the native CPU decode kernel on first use (torch.utils.cpp_extension)
         "safetensors",
         "pyyaml",
         "tqdm",

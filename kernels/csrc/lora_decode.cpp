@@ -88,24 +88,32 @@ void lora_decode(const torch::Tensor& x, const torch::Tensor& a_t, const torch::
     for (int64_t i = offsets[g]; i < offsets[g] + counts[g]; ++i)
       TORCH_CHECK(0 <= tok[i] && tok[i] < tokens, "lora_decode: token ", tok[i], " out of range");
   }
-  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+  // groups dealt round-robin, largest first, so the threads get even shares of tokens and weights
+  std::vector<int64_t> order(groups);
+  for (int64_t g = 0; g < groups; ++g) order[g] = g;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t p, int64_t q) { return counts[p] > counts[q]; });
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), groups));
+  at::parallel_for(0, workers, 1, [&](int64_t w0, int64_t w1) {
     std::vector<float> h;
-    for (int64_t g = g0; g < g1; ++g) {
-      const int64_t a = adapters[g], off = offsets[g], n = counts[g];
-      const float* a_g = ap + a * d_in * r;
-      const float* b_g = bp + a * r * d_out;
-      h.assign(n * r, 0.f);
-      for (int64_t i0 = 0; i0 < n; i0 += 4) {
-        const int ni = static_cast<int>(std::min<int64_t>(4, n - i0));
-        const float* xs[4];
-        for (int i = 0; i < 4; ++i) xs[i] = i < ni ? xp + tok[off + i0 + i] * d_in : zeros.data();
-        float* h_block = h.data() + i0 * r;
-        if (r % 16 == 0) shrink4<16>(xs, ni, a_g, d_in, r, h_block);
-        else if (r % 8 == 0) shrink4<8>(xs, ni, a_g, d_in, r, h_block);
-        else shrink4<1>(xs, ni, a_g, d_in, r, h_block);
+    for (int64_t w = w0; w < w1; ++w) {
+      for (int64_t k = w; k < groups; k += workers) {
+        const int64_t g = order[k];
+        const int64_t a = adapters[g], off = offsets[g], n = counts[g];
+        const float* a_g = ap + a * d_in * r;
+        const float* b_g = bp + a * r * d_out;
+        h.assign(n * r, 0.f);
+        for (int64_t i0 = 0; i0 < n; i0 += 4) {
+          const int ni = static_cast<int>(std::min<int64_t>(4, n - i0));
+          const float* xs[4];
+          for (int i = 0; i < 4; ++i) xs[i] = i < ni ? xp + tok[off + i0 + i] * d_in : zeros.data();
+          float* h_block = h.data() + i0 * r;
+          if (r % 16 == 0) shrink4<16>(xs, ni, a_g, d_in, r, h_block);
+          else if (r % 8 == 0) shrink4<8>(xs, ni, a_g, d_in, r, h_block);
+          else shrink4<1>(xs, ni, a_g, d_in, r, h_block);
+        }
+        for (float& v : h) v *= s;
+        for (int64_t i = 0; i < n; ++i) expand(h.data() + i * r, b_g, r, d_out, op + tok[off + i] * d_out);
       }
-      for (float& v : h) v *= s;
-      for (int64_t i = 0; i < n; ++i) expand(h.data() + i * r, b_g, r, d_out, op + tok[off + i] * d_out);
     }
   });
 }

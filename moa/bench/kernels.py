@@ -22,8 +22,8 @@ import torch
 
 from moa.bench.common import print_table, stamp, time_interleaved, write_json
 
-HELP = "multi-LoRA kernel timings (triton/torch/gather_bmm/loop/roofline) or, with --compile-only, the AOT compile report"
-PROVIDERS = ("triton", "torch", "gather_bmm", "loop", "roofline")
+HELP = "multi-LoRA kernel timings (triton/cpu/torch/gather_bmm/loop/roofline) or, with --compile-only, the AOT compile report"
+PROVIDERS = ("triton", "cpu", "torch", "gather_bmm", "loop", "roofline")
 MODES = ("fwd", "bwd", "fwd+bwd")
 DISTS = ("uniform", "zipf", "single")
 SWEEPS = ("tokens", "hidden", "rank", "adapters", "dist")
@@ -31,7 +31,7 @@ GPU_DEFAULTS = dict(tokens="1,16,64,256,1024,4096,8192", hidden="4096,8192", ran
                     point="tokens=1024,hidden=4096,rank=16,adapters=32,dist=uniform", dtype="bfloat16")
 CPU_DEFAULTS = dict(tokens="1,16,64,256,1024", hidden="1024,2048", ranks="8,16,64", adapters="1,8,32,128",
                     point="tokens=256,hidden=1024,rank=16,adapters=32,dist=uniform", dtype="float32")
-CPU_NOTE = ("no CUDA device: only the CPU providers (torch, gather_bmm, loop, roofline) are timed, at reduced sizes; "
+CPU_NOTE = ("no CUDA device: only the CPU providers (cpu, torch, gather_bmm, loop, roofline) are timed, at reduced sizes; "
             "Triton timings need a GPU (on a CPU the kernels run only under the interpreter, whose speed means nothing)")
 
 
@@ -158,7 +158,7 @@ def roofline(x, a, b, ids, weights, scaling, base_out):
 def _provider_fn(name, plan):
     from moa.kernels import multi_lora
 
-    if name in ("triton", "torch"):
+    if name in ("triton", "cpu", "torch"):
         return lambda x, a, b, ids, w, s, base: multi_lora(x, a, b, plan, weights=w, scaling=s, base_out=base, backend=name)
     return {"gather_bmm": gather_bmm, "loop": loop, "roofline": roofline}[name]
 
@@ -196,8 +196,9 @@ def run_case(case: dict, providers: list[str], modes: list[str], args, gen: torc
     T, d, r, K = case["tokens"], case["hidden"], case["rank"], case["adapters"]
     ids = make_ids(case["dist"], T, K, args.top_k, gen).to(dev)
     x = torch.randn(T, d, generator=gen).to(dev, dtype)
-    a = (torch.randn(K, r, d, generator=gen) * d ** -0.5).to(dev, dtype)
-    b = (torch.randn(K, d, r, generator=gen) * r ** -0.5).to(dev, dtype)
+    # stored as MoALinear stores them (A^T [K, d, r], B^T [K, r, d]), passed as the op's [K, r, d] / [K, d, r] views
+    a = (torch.randn(K, d, r, generator=gen) * d ** -0.5).to(dev, dtype).transpose(1, 2)
+    b = (torch.randn(K, r, d, generator=gen) * r ** -0.5).to(dev, dtype).transpose(1, 2)
     w = torch.rand(ids.shape, generator=gen).to(dev, dtype) if args.top_k > 1 else None
     base = torch.randn(T, d, generator=gen).to(dev, dtype)
     plan = plan_adapters(ids, K)
@@ -321,6 +322,8 @@ def run(args) -> int:
         providers = [p for p in providers if p != "triton"]
         notes.append(CPU_NOTE)
         print(CPU_NOTE)
+    if args.device.startswith("cuda"):  # the CPU backend's kernel serves CPU tensors only
+        providers = [p for p in providers if p != "cpu"]
     args.bandwidth_gbps = measure_bandwidth(args.device)
     print(f"measured copy bandwidth: {args.bandwidth_gbps:.1f} GB/s")
     gen = torch.Generator().manual_seed(args.seed)
