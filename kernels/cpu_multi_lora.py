@@ -48,27 +48,32 @@ def native_kernel():
     return _native or None
 
 
-def native_applies(x, lora_a, lora_b, plan: AdapterPlan, weights, scaling, out) -> bool:
-    """Whether the native kernel serves this call (see the module docstring)."""
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, lora_a, lora_b, out)):
+def decode_shaped(plan: AdapterPlan, rank: int, d_in: int, d_out: int) -> bool:
+    """One adapter per token, at most `NATIVE_MAX_COUNT` tokens per adapter, not the rows layout's case
+    (cached on the plan: every projection of a forward call asks)."""
+    cache = plan.__dict__.setdefault("_decode_shaped", {})
+    key = (rank, d_in, d_out)
+    if key not in cache:
+        cache[key] = (plan.top_k == 1 and 0 < plan.num_assignments and plan.max_count <= NATIVE_MAX_COUNT
+                      and pick_layout(plan, rank, d_in, d_out) != "rows")
+    return cache[key]
+
+
+def native_inputs(x, a_t, b_t, out) -> bool:
+    """Float32 CPU tensors the kernel reads as they are (A^T, B^T contiguous), autograd not recording."""
+    tensors = (x, a_t, b_t, out)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return False
-    tensors = (x, lora_a, lora_b, out)
-    if weights is not None or isinstance(scaling, torch.Tensor) or plan.top_k != 1 or plan.num_assignments == 0:
-        return False
-    if any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
-        return False
-    stored = lora_a.transpose(1, 2).is_contiguous() and lora_b.transpose(1, 2).is_contiguous()
-    few = plan.max_count <= NATIVE_MAX_COUNT and pick_layout(plan, lora_a.shape[1], lora_a.shape[2], lora_b.shape[1]) != "rows"
-    return stored and x.is_contiguous() and out.is_contiguous() and few
+    return all(t.dtype == torch.float32 and t.is_cpu and t.is_contiguous() for t in tensors)
 
 
 def multi_lora_cpu(x, lora_a, lora_b, plan: AdapterPlan, weights=None, scaling=1.0, base_out=None):
     """`multi_lora` on CPU: the native kernel where it applies, else `multi_lora_torch`."""
     out = base_out if base_out is not None else x.new_zeros(x.shape[0], lora_b.shape[1], dtype=lora_b.dtype)
-    if native_applies(x, lora_a, lora_b, plan, weights, scaling, out):
-        kernel = native_kernel()
+    if weights is None and not isinstance(scaling, torch.Tensor) and decode_shaped(plan, *lora_a.shape[1:], lora_b.shape[1]):
+        a_t, b_t = lora_a.transpose(1, 2), lora_b.transpose(1, 2)  # the stored orientation the kernel reads
+        kernel = native_kernel() if native_inputs(x, a_t, b_t, out) else None
         if kernel is not None:
-            kernel.lora_decode(x, lora_a.transpose(1, 2), lora_b.transpose(1, 2), plan.sorted_token, plan.adapters,
-                               plan.offsets, plan.counts, float(scaling), out)
+            kernel.lora_decode(x, a_t, b_t, plan.sorted_token, plan.adapters, plan.offsets, plan.counts, float(scaling), out)
             return out
     return multi_lora_torch(x, lora_a, lora_b, plan, weights, scaling, out)

@@ -49,7 +49,7 @@ def test_native_matches_definition(kernel, T, K, r, d_in, d_out, none_share):
     base = torch.randn(T, d_out)
     want = multi_lora_naive(x.double(), a.double(), b.double(), ids, scaling=1.5, base_out=base.double()).float()
     with torch.no_grad():
-        assert cml.native_applies(x, a, b, plan, None, 1.5, base)
+        assert cml.decode_shaped(plan, r, d_in, d_out) and cml.native_inputs(x, a.transpose(1, 2), b.transpose(1, 2), base)
         out = base.clone()
         got = multi_lora(x, a, b, plan, scaling=1.5, base_out=out, backend="cpu")
     assert got is out  # accumulated in place
