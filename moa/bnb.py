@@ -19,15 +19,21 @@ def _bnb():
 
 
 class MoALinear4bit(MoALinear):
-    """LoRA adapters over a `bnb.nn.Linear4bit` (nf4/fp4) base; adapters in the compute dtype."""
+    """LoRA adapters over a `bnb.nn.Linear4bit` (nf4/fp4) base; adapters in the compute dtype.
+
+    bitsandbytes >= 0.48 repacks a 4-bit weight in place for its AVX512-BF16 CPU kernel on the first
+    inference forward. Under ZeRO-3 the weight is a partitioned parameter, gathered for each forward:
+    the repack replaces the gathered storage, the partition keeps the old layout, and the next
+    gather or `state_dict` fails. The base layer keeps its packed layout instead.
+    """
+
+    def __init__(self, base_layer, *args, **kwargs):
+        if hasattr(base_layer, "support_avx512bf16_for_cpu"):
+            base_layer.support_avx512bf16_for_cpu = False
+        super().__init__(base_layer, *args, **kwargs)
 
     def lora_dtype(self) -> torch.dtype:
         return self.base_layer.compute_dtype or torch.float32
-
-    def base_weight(self) -> torch.Tensor:
-        bnb = _bnb()
-        w = self.base_layer.weight
-        return bnb.functional.dequantize_4bit(w.data, w.quant_state).to(self.lora_dtype())
 
 
 class MoALinear8bit(MoALinear):
@@ -35,12 +41,6 @@ class MoALinear8bit(MoALinear):
 
     def lora_dtype(self) -> torch.dtype:
         return torch.float32
-
-    def base_weight(self) -> torch.Tensor:
-        bnb = _bnb()
-        w = self.base_layer.weight
-        scales = w.SCB if w.SCB is not None else self.base_layer.state.SCB  # moved to the state after a forward
-        return bnb.functional.int8_vectorwise_dequant(w.data, scales).to(torch.float32)
 
 
 def dispatch_bnb_4bit(target, **kwargs):

@@ -58,10 +58,6 @@ class MoALinear(nn.Module):
         self.lora_A.copy_(a.to(self.lora_A.device, self.lora_A.dtype))
         self.lora_B.zero_()
 
-    def base_weight(self) -> torch.Tensor:
-        """The base weight as a dense [d_out, d_in] tensor (dequantized for quantized layers)."""
-        return self.base_layer.weight
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
         call = current_call(self.owner)

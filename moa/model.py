@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils import ModelOutput
 
+from moa import compat
 from moa.atomic import atomic_directory
 from moa.config import ROUTING_MODES, MoAConfig
 from moa.layers import MoALinear, wrap_linear
@@ -27,7 +28,7 @@ class MoACausalLMOutput(ModelOutput):
     router_loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     router_logits: tuple | None = None  # one [B, S, K] tensor per decoder layer
-    past_key_values: object | None = None
+    cache: object | None = None  # the base model's KV cache (transformers' `past_key_values` before 5.24)
 
 
 class MoADecoderLayer(nn.Module):
@@ -56,7 +57,7 @@ class MoADecoderLayer(nn.Module):
             mask = call.attention_mask[:, -seq:] if call.attention_mask is not None else None
             if self.router.layer_index == 0:
                 call.router_input = hidden_states
-            logits = self.router(call.router_input, mask, kwargs.get("past_key_values"))
+            logits = self.router(call.router_input, mask, compat.layer_cache(kwargs))
             if call.collect_logits:
                 call.router_logits.append(logits)
             plan, weights = call.route(logits)
@@ -68,18 +69,6 @@ class MoADecoderLayer(nn.Module):
             return super().__getattr__(name)
         except AttributeError:  # attributes the base model reads off its layers (attention_type, ...)
             return getattr(self._modules["layer"], name)
-
-
-def _decoder_layers(model: nn.Module) -> tuple[nn.Module, str]:
-    """The ModuleList of decoder layers and its dotted name (the largest ModuleList of blocks)."""
-    best = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) and (best is None or len(module) > len(best[0])):
-            if any(isinstance(m, nn.Linear) or "Linear" in type(m).__name__ for m in module[0].modules()):
-                best = (module, name)
-    if best is None:
-        raise ValueError(f"{type(model).__name__} has no list of decoder layers (nn.ModuleList) to adapt")
-    return best
 
 
 def _matches(name: str, targets: list[str]) -> bool:
@@ -110,7 +99,7 @@ class MoAForCausalLM(nn.Module):
         model = cls(base_model, config)
         for p in base_model.parameters():
             p.requires_grad_(False)
-        layers, layers_name = _decoder_layers(base_model)
+        layers, layers_name = compat.decoder_layers(base_model)
         hidden = base_model.config.hidden_size
         generator = torch.Generator().manual_seed(config.seed)
         seen_targets = set()
@@ -146,7 +135,7 @@ class MoAForCausalLM(nn.Module):
     def _capture_attention_mask(self, module, args, kwargs):
         call = current_call(self.routing_key)
         if call is not None:
-            call.attention_mask = kwargs.get("attention_mask")
+            call.attention_mask = compat.forward_attention_mask(kwargs)
 
     # ------------------------------------------------------------------ routing inputs
     @property
@@ -214,7 +203,7 @@ class MoAForCausalLM(nn.Module):
         else:
             loss = lm_loss if lm_loss is not None else router_loss
         return MoACausalLMOutput(loss=loss, lm_loss=lm_loss, router_loss=router_loss, logits=out.logits,
-                                 router_logits=tuple(call.router_logits), past_key_values=getattr(out, "past_key_values", None))
+                                 router_logits=tuple(call.router_logits), cache=compat.output_cache(out))
 
     @staticmethod
     def router_loss(router_logits, culture_ids, attention_mask=None):
@@ -277,12 +266,7 @@ class MoAForCausalLM(nn.Module):
     def gradient_checkpointing_enable(self):
         """Activation checkpointing of the decoder layers (non-reentrant); the recompute during
         backward replays each layer's routing. Enable it here, not on the base model directly."""
-        kwargs = {"use_reentrant": False, "context_fn": replay_routing_context}
-        enable = getattr(self.base_model, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable(activation_checkpointing_kwargs=kwargs)
-        else:  # transformers < 5
-            self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        compat.enable_activation_checkpointing(self.base_model, {"use_reentrant": False, "context_fn": replay_routing_context})
 
     # ------------------------------------------------------------------ weights
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moa.compat import cached_length
 from moa.kernels import AdapterPlan, plan_adapters
 
 _CURRENT: contextvars.ContextVar["RoutingCall | None"] = contextvars.ContextVar("moa_routing_call", default=None)
@@ -183,9 +184,10 @@ class TokenRouter(nn.Module):
         total = torch.cumsum(h * w[..., None], dim=1)
         weight = torch.cumsum(w, dim=1)
         store = _router_store(cache)
-        if store is not None and cache.get_seq_length(self.layer_index) > 0:
+        if cached_length(cache, self.layer_index) > 0:
             if self.layer_index not in store:
-                raise RuntimeError("KV cache holds past tokens but no router state: pass the cache produced by this MoA model")
+                raise RuntimeError(f"the KV cache holds past tokens for layer {self.layer_index} but no router state: "
+                                   f"pass the cache produced by this MoA model")
             past_total, past_weight = store[self.layer_index]
             total, weight = total + past_total[:, None], weight + past_weight[:, None]
         if store is not None:
@@ -195,8 +197,9 @@ class TokenRouter(nn.Module):
 
 
 def _router_store(cache) -> dict | None:
-    """Per-layer running sums for the router, kept on the KV cache object they belong to."""
-    if cache is None or not hasattr(cache, "get_seq_length"):
+    """Per-layer running sums for the router, kept on the KV cache object they belong to (a
+    transformers Cache, checked by `moa.compat.layer_cache`)."""
+    if cache is None:
         return None
     store = getattr(cache, "_moa_router_state", None)
     if store is None:

@@ -16,6 +16,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 import moa
+from moa.compat import cache_kwargs
 from moa.bench.common import paired_ratio, print_table, stamp, time_interleaved, write_json
 
 HELP = "end-to-end tokens/s: base model, MoA mixed batch, PEFT single and mixed adapters"
@@ -78,7 +79,7 @@ def build_models(args) -> dict:
 
 def forward_fn(name, model, input_ids, cultures, names, cache=None):
     """A zero-argument closure running one forward of `model` the way provider `name` does."""
-    kwargs = {"input_ids": input_ids, "use_cache": cache is not None, "past_key_values": cache}
+    kwargs = {"input_ids": input_ids, "use_cache": cache is not None, **cache_kwargs(cache)}
     if name == "moa":
         return lambda: model(culture_ids=cultures, routing="oracle", **kwargs)
     if name == "peft_mixed":
