@@ -12,21 +12,23 @@ setup(
     package_dir={"moa.kernels": "kernels", "moa.training": "training"},
     package_data={"moa": ["data/bundled/**/*", "data/bundled/*"], "moa.kernels": ["csrc/*.cpp"]},
     include_package_data=True,
+    # Every range was tested: its floor by `.ci/oldest` (the oldest versions allowed), its upper bound by
+    # `.ci/latest` (the newest allowed); `constraints.txt` pins the set the whole suite passed on.
     install_requires=[
-        "torch>=2.4",
-        "transformers>=4.46",
-        "peft>=0.13",
-        "bitsandbytes>=0.47",
-        "deepspeed>=0.15",
-        "triton>=3.0",
-        "einops",
-        "ninja",  # builds the native CPU decode kernel on first use (torch.utils.cpp_extension)
-        "safetensors",
-        "pyyaml",
-        "tqdm",
-        "matplotlib",
-        "numpy",
+        "torch>=2.13,<2.14",  # older torch has no CPU-only wheel on PyPI to test with
+        "transformers>=4.57,<5.25",  # internals move between minor releases: moa/compat.py reads them
+        "peft>=0.17,<0.22",
+        "bitsandbytes>=0.47,<0.51",  # 0.47: nf4 on CPU
+        "deepspeed>=0.17,<0.20",
+        "triton>=3.7,<3.10",  # torch 2.13's CUDA build ships triton 3.7.1
+        "einops>=0.8,<0.9",
+        "ninja>=1.11.1,<1.14",  # builds the native CPU decode kernel on first use (torch.utils.cpp_extension)
+        "safetensors>=0.5.3,<0.9",
+        "pyyaml>=6.0.1,<7",
+        "tqdm>=4.66,<4.71",
+        "matplotlib>=3.8,<3.12",
+        "numpy>=1.26.4,<2.5",
     ],
-    extras_require={"dev": ["pytest>=8"], "tensorboard": ["tensorboard"]},
+    extras_require={"dev": ["pytest>=8.2,<9.3"], "tensorboard": ["tensorboard"]},
     entry_points={"console_scripts": ["moa=moa.cli:main"]},
 )
