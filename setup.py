@@ -19,7 +19,7 @@ setup(
         "transformers>=4.57,<5.25",  # internals move between minor releases: moa/compat.py reads them
         "peft>=0.17,<0.22",
         "bitsandbytes>=0.47,<0.51",  # 0.47: nf4 on CPU
-        "deepspeed>=0.17,<0.20",
+        "deepspeed>=0.19,<0.20",  # 0.18.x: ZeRO-2 on 2 processes diverges from 1 process at step 2
         "triton>=3.7,<3.10",  # torch 2.13's CUDA build ships triton 3.7.1
         "einops>=0.8,<0.9",
         "ninja>=1.11.1,<1.14",  # builds the native CPU decode kernel on first use (torch.utils.cpp_extension)

@@ -80,6 +80,13 @@ def forward_attention_mask(kwargs: dict) -> torch.Tensor | None:
     return mask
 
 
+# Attributes a base model reads off its decoder layers, which `MoADecoderLayer` passes through to the
+# layer it wraps (transformers 4.x reads `attention_type` to pick each layer's mask). Nothing else
+# passes through: frameworks that tag modules with attributes (DeepSpeed ZeRO-3's hooks) must see the
+# wrapper and the layer as two modules.
+LAYER_ATTRIBUTES = ("attention_type",)
+
+
 def decoder_layers(model: nn.Module) -> tuple[nn.ModuleList, str]:
     """The ModuleList of decoder layers and its dotted name: the longest ModuleList of blocks holding linears."""
     best = None

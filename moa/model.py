@@ -67,7 +67,9 @@ class MoADecoderLayer(nn.Module):
     def __getattr__(self, name):
         try:
             return super().__getattr__(name)
-        except AttributeError:  # attributes the base model reads off its layers (attention_type, ...)
+        except AttributeError:
+            if name not in compat.LAYER_ATTRIBUTES:  # only what the base model reads off its layers
+                raise
             return getattr(self._modules["layer"], name)
 
 

@@ -80,3 +80,15 @@ def test_output_and_mask_errors():
         compat.forward_attention_mask({"attention_mask": torch.ones(1, 1, 2, 2)})
     with pytest.raises(compat.CompatError, match="has no list of decoder layers"):
         compat.decoder_layers(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_decoder_layer_wrapper_passes_through_only_what_models_read(base):
+    """Frameworks tag modules with attributes (ZeRO-3 sets its hook state on every module and checks it
+    with hasattr): the wrapper must not show the attributes of the layer it wraps as its own."""
+    model = moa_model(base)
+    layers, _ = compat.decoder_layers(model.base_model)
+    wrapper = layers[0]
+    wrapper.layer.framework_state = 1
+    assert not hasattr(wrapper, "framework_state")
+    wrapper.layer.attention_type = "full_attention"
+    assert wrapper.attention_type == "full_attention"
