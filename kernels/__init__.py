@@ -1,5 +1,4 @@
-"""Multi-LoRA ops for mixed-adapter batches (installed as `moa.kernels`)."""
-from .multi_lora import BACKENDS, multi_lora, multi_lora_sliced
-from .plan import AdapterPlan, plan_adapters
+"""moa's fused ops (installed as `moa.kernels`): `multi_lora`, the LoRA outputs of a batch that mixes adapters."""
+from .multi_lora import BACKENDS, AdapterPlan, multi_lora, plan_adapters
 
-__all__ = ["AdapterPlan", "BACKENDS", "multi_lora", "multi_lora_sliced", "plan_adapters"]
+__all__ = ["AdapterPlan", "BACKENDS", "multi_lora", "plan_adapters"]

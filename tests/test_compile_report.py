@@ -2,7 +2,9 @@
 import pytest
 import torch
 
-from moa.kernels.triton_compile import compile_report, format_report
+from moa.kernels.multi_lora.compile import compile_report, format_report
+
+pytestmark = pytest.mark.slow  # compiles ten kernels (a child process when the interpreter is on)
 
 
 @pytest.fixture(scope="module")
@@ -12,7 +14,7 @@ def report():
 
 def test_every_kernel_compiles_without_spills(report):
     kernels = {r["kernel"] for r in report}
-    assert kernels == {"sgmv_shrink", "sgmv_expand", "sgmv_expand_3slices", "segment_outer", "bgmv_shrink", "bgmv_expand"}
+    assert kernels == {"sgmv_shrink", "sgmv_expand", "segment_outer", "bgmv_shrink", "bgmv_expand"}
     assert {r["target"] for r in report} == {"sm_80", "sm_90"}
     for r in report:
         assert r["registers"] > 0, r

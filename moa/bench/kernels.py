@@ -22,22 +22,26 @@ import torch
 
 from moa.bench.common import print_table, stamp, time_interleaved, write_json
 
-HELP = "multi-LoRA kernel timings (triton/cpu/torch/gather_bmm/loop/roofline) or, with --compile-only, the AOT compile report"
 PROVIDERS = ("triton", "cpu", "torch", "gather_bmm", "loop", "roofline")
 MODES = ("fwd", "bwd", "fwd+bwd")
 DISTS = ("uniform", "zipf", "single")
 SWEEPS = ("tokens", "hidden", "rank", "adapters", "dist")
-GPU_DEFAULTS = dict(tokens="1,16,64,256,1024,4096,8192", hidden="4096,8192", ranks="8,16,64", adapters="1,8,32,128",
-                    point="tokens=1024,hidden=4096,rank=16,adapters=32,dist=uniform", dtype="bfloat16")
-CPU_DEFAULTS = dict(tokens="1,16,64,256,1024", hidden="1024,2048", ranks="8,16,64", adapters="1,8,32,128",
-                    point="tokens=256,hidden=1024,rank=16,adapters=32,dist=uniform", dtype="float32")
+GPU_DEFAULTS = dict(tokens="1,16,64,256,1024,4096,8192", hidden="4096,8192",
+                    point="tokens=1024,hidden=4096,rank=16,adapters=32,dist=uniform",
+                    dtype="bfloat16", warmup=10, repeat=100, gather_max_gb=16.0)
+CPU_DEFAULTS = dict(tokens="1,16,64,256,1024", hidden="1024,2048",
+                    point="tokens=256,hidden=1024,rank=16,adapters=32,dist=uniform",
+                    dtype="float32", warmup=3, repeat=10, gather_max_gb=2.0)
 CPU_NOTE = ("no CUDA device: only the CPU providers (cpu, torch, gather_bmm, loop, roofline) are timed, at reduced sizes; "
             "Triton timings need a GPU (on a CPU the kernels run only under the interpreter, whose speed means nothing)")
 
 
+def _by_device(key: str) -> str:
+    return f"(default: {GPU_DEFAULTS[key]} on a GPU, {CPU_DEFAULTS[key]} on a CPU)"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    gpu = torch.cuda.is_available()
-    d = GPU_DEFAULTS if gpu else CPU_DEFAULTS
+    """The options whose defaults depend on the device default to None here; `run` fills them in."""
     parser.add_argument("--compile-only", action="store_true", help="AOT compile report instead of timings")
     parser.add_argument("--targets", default="sm_80,sm_90", help="GPU targets of the compile report")
     parser.add_argument("--compile-dtypes", default="float16,bfloat16,float32", help="dtypes of the compile report")
@@ -45,19 +49,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated subset of " + ",".join(PROVIDERS))
     parser.add_argument("--modes", default=",".join(MODES), help="comma-separated subset of " + ",".join(MODES))
     parser.add_argument("--sweeps", default=",".join(SWEEPS), help="comma-separated subset of " + ",".join(SWEEPS))
-    parser.add_argument("--tokens", default=d["tokens"], help="token counts of the tokens sweep")
-    parser.add_argument("--hidden", default=d["hidden"], help="hidden sizes (d_in = d_out) of the hidden sweep")
-    parser.add_argument("--ranks", default=d["ranks"], help="ranks of the rank sweep")
-    parser.add_argument("--adapters", default=d["adapters"], help="adapter counts K of the adapters sweep")
+    parser.add_argument("--tokens", help="token counts of the tokens sweep " + _by_device("tokens"))
+    parser.add_argument("--hidden", help="hidden sizes (d_in = d_out) of the hidden sweep " + _by_device("hidden"))
+    parser.add_argument("--ranks", default="8,16,64", help="ranks of the rank sweep")
+    parser.add_argument("--adapters", default="1,8,32,128", help="adapter counts K of the adapters sweep")
     parser.add_argument("--dists", default=",".join(DISTS), help="adapter distributions of the dist sweep")
-    parser.add_argument("--point", default=d["point"], help="the values the other axes hold during a sweep")
+    parser.add_argument("--point", help="the values the other axes hold during a sweep " + _by_device("point"))
     parser.add_argument("--top-k", type=int, default=1, help="adapters per token (top-k routing, weights random)")
-    parser.add_argument("--dtype", default=d["dtype"], choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--device", default="cuda" if gpu else "cpu")
-    parser.add_argument("--warmup", type=int, default=3 if not gpu else 10)
-    parser.add_argument("--repeat", type=int, default=10 if not gpu else 100)
-    parser.add_argument("--gather-max-gb", type=float, default=2.0 if not gpu else 16.0,
-                        help="skip gather_bmm where its gathered weights would exceed this")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help=_by_device("dtype"))
+    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--warmup", type=int,
+                        help="warm-up per case: calls on a CPU, milliseconds on a GPU (do_bench) " + _by_device("warmup"))
+    parser.add_argument("--repeat", type=int,
+                        help="timing per case: calls on a CPU, milliseconds on a GPU (do_bench) " + _by_device("repeat"))
+    parser.add_argument("--gather-max-gb", type=float,
+                        help="skip gather_bmm where its gathered weights would exceed this " + _by_device("gather_max_gb"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default="bench-kernels.json", help="where to write the results")
     parser.add_argument("--plots", default=None, help="folder for PNG plots (default: next to --json)")
@@ -297,7 +303,7 @@ def plot(rows: list[dict], folder: Path) -> list[Path]:
 def run_compile_report(args) -> int:
     from tqdm import tqdm
 
-    from moa.kernels.triton_compile import compile_report, format_report
+    from moa.kernels.multi_lora.compile import compile_report, format_report
 
     dtypes = [getattr(torch, v) for v in args.compile_dtypes.split(",")]
     rows = compile_report(targets=[t.strip() for t in args.targets.split(",")], dtypes=dtypes,
@@ -311,6 +317,10 @@ def run_compile_report(args) -> int:
 
 
 def run(args) -> int:
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    for key, value in (GPU_DEFAULTS if args.device.startswith("cuda") else CPU_DEFAULTS).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     if args.compile_only:
         return run_compile_report(args)
     from tqdm import tqdm

@@ -1,4 +1,4 @@
-"""Ahead-of-time compile report: every Triton kernel at its default config, for given GPUs, on any machine.
+"""Ahead-of-time compile report: every Triton kernel of `multi_lora` at its default config, for given GPUs, on any machine.
 
 `triton.compile` with a `GPUTarget` needs no GPU; the triton wheel ships `ptxas` and `cuobjdump`.
 For each kernel and target the report gives registers per thread and spill bytes (`ptxas -v` on the
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import triton_multi_lora as tml
+from . import triton as backend
 
 TARGETS = {"sm_80": 80, "sm_86": 86, "sm_89": 89, "sm_90": 90}
 _TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
@@ -50,48 +50,45 @@ def default_specs(dtype: torch.dtype = torch.float16, rank: int = 16, hidden: in
                   block_m: int = 64) -> list[KernelSpec]:
     """The kernels as the launchers run them for a [T, hidden] batch, rank `rank`, many tokens per adapter."""
     w = "*" + _TYPE[dtype]
-    prec = tml.dot_precision(dtype)
+    prec = backend.dot_precision(dtype)
     tables = {n: "*i32:16" for n in ("tile_adapter_ptr", "tile_start_ptr", "tile_end_ptr", "token_ptr", "slot_ptr")}
     chunk_tables = {n: "*i32:16" for n in ("chunk_adapter_ptr", "chunk_start_ptr", "chunk_end_ptr", "token_ptr", "slot_ptr")}
     specs = []
 
-    cfg, nw, ns = _strip(tml.config_sgmv_shrink(rank, hidden, dtype, block_m))
+    cfg, nw, ns = _strip(backend.config_sgmv_shrink(rank, hidden, dtype, block_m))
     specs.append(KernelSpec("sgmv_shrink", "sgmv_shrink_kernel", "sgmv", {
-        "x_ptr": w + ":16", "w0_ptr": w + ":16", "w1_ptr": w + ":16", "w2_ptr": w + ":16", "h_ptr": "*fp32:16", **tables,
+        "x_ptr": w + ":16", "w_ptr": w + ":16", "h_ptr": "*fp32:16", **tables,
         "d_in": "i32:16", "rank": "i32:16", "stride_xt": "i32:16", "stride_xd": 1,
-        "stride_wk": "i32:16", "stride_wr": "i32:16", "stride_wd": 1, "stride_hn": "i32:16", "stride_hs": "i32:16",
+        "stride_wk": "i32:16", "stride_wr": "i32:16", "stride_wd": 1, "stride_hn": "i32:16",
         **cfg, "DOT_PRECISION": prec}, nw, ns))
 
-    for name, slices, has_coef in (("sgmv_expand", 1, True), ("sgmv_expand_3slices", 3, True)):
-        cfg, nw, ns = _strip(tml.config_sgmv_expand(rank, hidden, dtype, block_m))
-        specs.append(KernelSpec(name, "sgmv_expand_kernel", "sgmv", {
-            "h_ptr": "*fp32:16", "w0_ptr": w + ":16", "w1_ptr": w + ":16", "w2_ptr": w + ":16", "out_ptr": w + ":16",
-            "coef_ptr": "*fp32:16", **tables, "d_out": "i32:16", "rank": "i32:16",
-            "stride_hn": "i32:16", "stride_hs": "i32:16", "stride_wk": "i32:16", "stride_wn": "i32:16", "stride_wr": 1,
-            "stride_ot": "i32:16", "stride_od": 1,
-            "NUM_SLICES": slices, "HAS_COEF": has_coef, **cfg, "DOT_PRECISION": prec}, nw, ns))
+    cfg, nw, ns = _strip(backend.config_sgmv_expand(rank, hidden, dtype, block_m))
+    specs.append(KernelSpec("sgmv_expand", "sgmv_expand_kernel", "sgmv", {
+        "h_ptr": "*fp32:16", "w_ptr": w + ":16", "out_ptr": w + ":16", "coef_ptr": "*fp32:16", **tables,
+        "d_out": "i32:16", "rank": "i32:16", "stride_hn": "i32:16", "stride_wk": "i32:16", "stride_wn": "i32:16",
+        "stride_wr": 1, "stride_ot": "i32:16", "stride_od": 1, "HAS_COEF": True, **cfg, "DOT_PRECISION": prec}, nw, ns))
 
-    cfg, nw, ns = _strip(tml.config_segment_outer(rank, hidden, dtype))
+    cfg, nw, ns = _strip(backend.config_segment_outer(rank, hidden, dtype))
     specs.append(KernelSpec("segment_outer", "segment_outer_kernel", "sgmv+bgmv (backward)", {
         "p_ptr": "*fp32:16", "q_ptr": w + ":16", "g_ptr": "*fp32:16", "coef_ptr": "*fp32:16", **chunk_tables,
         "width": "i32:16", "rank": "i32:16", "stride_pn": "i32:16", "stride_qt": "i32:16", "stride_qd": 1,
         "stride_gk": "i32:16", "stride_gr": "i32:16", "stride_gd": 1,
         "HAS_COEF": True, "ATOMIC": True, **cfg, "DOT_PRECISION": prec}, nw, ns))
 
-    cfg, nw, ns = _strip(tml.config_bgmv_shrink(rank, hidden, dtype))
+    cfg, nw, ns = _strip(backend.config_bgmv_shrink(rank, hidden, dtype))
     specs.append(KernelSpec("bgmv_shrink", "bgmv_shrink_kernel", "bgmv", {
-        "x_ptr": w + ":16", "w0_ptr": w + ":16", "w1_ptr": w + ":16", "w2_ptr": w + ":16", "h_ptr": "*fp32:16",
+        "x_ptr": w + ":16", "w_ptr": w + ":16", "h_ptr": "*fp32:16",
         "ids_ptr": "*i32:16", "d_in": "i32:16", "rank": "i32:16", "top_k": 1, "split_len": "i32:16",
         "stride_xt": "i32:16", "stride_xd": 1, "stride_wk": "i32:16", "stride_wr": "i32:16", "stride_wd": 1,
-        "stride_hn": "i32:16", "stride_hs": "i32:16", "ATOMIC": True, **cfg}, nw, ns))
+        "stride_hn": "i32:16", "ATOMIC": True, **cfg}, nw, ns))
 
-    cfg, nw, ns = _strip(tml.config_bgmv_expand(rank, hidden, dtype))
+    cfg, nw, ns = _strip(backend.config_bgmv_expand(rank, hidden, dtype))
     specs.append(KernelSpec("bgmv_expand", "bgmv_expand_kernel", "bgmv", {
-        "h_ptr": "*fp32:16", "w0_ptr": w + ":16", "w1_ptr": w + ":16", "w2_ptr": w + ":16", "base_ptr": w + ":16",
+        "h_ptr": "*fp32:16", "w_ptr": w + ":16", "base_ptr": w + ":16",
         "out_ptr": w + ":16", "coef_ptr": "*fp32:16", "ids_ptr": "*i32:16", "d_out": "i32:16", "rank": "i32:16",
-        "top_k": "i32", "stride_hn": "i32:16", "stride_hs": "i32:16", "stride_wk": "i32:16", "stride_wn": "i32:16",
+        "top_k": "i32", "stride_hn": "i32:16", "stride_wk": "i32:16", "stride_wn": "i32:16",
         "stride_wr": 1, "stride_bt": "i32:16", "stride_bd": 1, "stride_ot": "i32:16", "stride_od": 1,
-        "NUM_SLICES": 1, "HAS_BASE": True, "HAS_COEF": True, **cfg}, nw, ns))
+        "HAS_BASE": True, "HAS_COEF": True, **cfg}, nw, ns))
     for spec in specs:
         spec.notes = {"dtype": _TYPE[dtype], "rank": rank, "hidden": hidden}
     return specs
@@ -99,12 +96,6 @@ def default_specs(dtype: torch.dtype = torch.float16, rank: int = 16, hidden: in
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() not in ("", "0", "false", "off")
-
-
-def _kernel_module():
-    from . import triton_kernels
-
-    return triton_kernels
 
 
 def _tool(name: str) -> str:
@@ -151,14 +142,14 @@ def _sass_mma(cubin: bytes) -> bool:
     return bool(re.search(r"\bH[G]?MMA\b|\bHGMMA\.", res.stdout))
 
 
-def compile_spec(spec: KernelSpec, target: str, module=None) -> dict:
+def compile_spec(spec: KernelSpec, target: str) -> dict:
     """Compile one kernel for `target` ("sm_80", "sm_90") and measure it."""
     import triton
     from triton.backends.compiler import GPUTarget
 
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}: expected one of {sorted(TARGETS)}")
-    fn = getattr(module or _kernel_module(), spec.kernel)
+    fn = getattr(backend, spec.kernel)
     signature, constexprs, attrs = {}, {}, {}
     for i, name in enumerate(fn.arg_names):
         if name not in spec.args:
@@ -202,7 +193,7 @@ def _compile_report_subprocess(targets, dtypes, ranks, hidden) -> list[dict]:
     request = {"targets": list(targets), "dtypes": [str(d).removeprefix("torch.") for d in dtypes],
                "ranks": list(ranks), "hidden": hidden}
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-m", "moa.kernels.triton_compile", json.dumps(request)],
+    res = subprocess.run([sys.executable, "-m", "moa.kernels.multi_lora.compile", json.dumps(request)],
                          capture_output=True, text=True, env=env)
     if res.returncode != 0:
         raise RuntimeError(f"compile report subprocess failed:\n{res.stderr[-4000:]}")

@@ -1,20 +1,20 @@
-"""The CPU path of `multi_lora`: a native kernel for decode-shaped inference calls, the torch path otherwise.
+"""The cpu backend of `multi_lora`: a native kernel for decode-shaped inference calls, the torch backend otherwise.
 
-A decode step mixes many adapters with a few tokens each. The torch path runs it as padded `bmm`s
+A decode step mixes many adapters with a few tokens each. The torch backend runs it as padded `bmm`s
 around a gather of x and a read-back of the outputs: on a CPU those temporaries and the ops around
 them cost as much as reading the adapters. `csrc/lora_decode.cpp` streams each used adapter's A^T
 and B^T once from the stored weights and accumulates every token's LoRA output into its output row,
 no temporaries beyond [tokens, r]. It is compiled on first use with the machine's C++ compiler
 (`torch.utils.cpp_extension`, about a minute, once) for the machine's own instruction set
 (`-march=native`: a TORCH_EXTENSIONS_DIR shared by machines of different CPUs needs one per CPU);
-without a compiler the torch path serves every call, with a warning.
+without a compiler the torch backend serves every call, with a warning.
 
 The kernel serves calls autograd does not record, in float32, with one adapter per token, no
 per-token weights, a uniform scale and at most `NATIVE_MAX_COUNT` tokens per adapter outside the
-rows layout; everything else (prefill's long rows, training, top-k mixes) runs on the torch path.
+rows layout; everything else (prefill's long rows, training, top-k mixes) runs on the torch backend.
 Measured at K=10, r=16, hidden 1024 on weights coming from memory, as in a decode step: ~2x faster
-than the torch path at 3-9 tokens per adapter, on par at ~30; with the weights in cache the torch
-path's GEMMs catch up from ~15 tokens per adapter.
+than the torch backend at 3-9 tokens per adapter, on par at ~30; with the weights in cache the torch
+backend's GEMMs catch up from ~15 tokens per adapter.
 """
 from __future__ import annotations
 
@@ -25,10 +25,10 @@ from pathlib import Path
 import torch
 
 from .plan import AdapterPlan
-from .torch_multi_lora import multi_lora_torch, pick_layout
+from .torch import multi_lora_torch, rows_apply
 
 SOURCE = Path(__file__).with_name("csrc") / "lora_decode.cpp"
-NATIVE_MAX_COUNT = 32  # most tokens of one adapter the kernel takes: beyond, the torch path's GEMMs are faster
+NATIVE_MAX_COUNT = 32  # most tokens of one adapter the kernel takes: beyond, the torch backend's GEMMs are faster
 _native = None  # the compiled module, False once building failed
 log = logging.getLogger(__name__)
 
@@ -42,23 +42,19 @@ def native_kernel():
         log.info("building the CPU multi-LoRA decode kernel from %s (once per machine)", SOURCE)
         try:
             _native = load(name="moa_lora_decode", sources=[str(SOURCE)], extra_cflags=["-O3", "-march=native"], verbose=False)
-        except Exception as exc:  # no compiler, no ninja, a failed build: the torch path stays correct
+        except Exception as exc:  # no compiler, no ninja, a failed build: the torch backend stays correct
             reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
             warnings.warn(f"moa: the native CPU multi-LoRA kernel could not be built ({type(exc).__name__}: {reason}); "
-                          "decode-shaped CPU calls run on the torch path", RuntimeWarning, stacklevel=2)
+                          "decode-shaped CPU calls run on the torch backend", RuntimeWarning, stacklevel=2)
             _native = False
     return _native or None
 
 
-def decode_shaped(plan: AdapterPlan, rank: int, d_in: int, d_out: int) -> bool:
+def decode_shaped(plan: AdapterPlan) -> bool:
     """One adapter per token, at most `NATIVE_MAX_COUNT` tokens per adapter, not the rows layout's case
-    (cached on the plan: every projection of a forward call asks)."""
-    cache = plan.__dict__.setdefault("_decode_shaped", {})
-    key = (rank, d_in, d_out)
-    if key not in cache:
-        cache[key] = (plan.top_k == 1 and 0 < plan.num_assignments and plan.max_count <= NATIVE_MAX_COUNT
-                      and pick_layout(plan, rank, d_in, d_out) != "rows")
-    return cache[key]
+    (kept in the plan's "cpu" cache slot: every projection of a forward call asks)."""
+    return plan.cached("cpu", lambda p: (p.top_k == 1 and 0 < p.num_assignments and p.max_count <= NATIVE_MAX_COUNT
+                                         and not rows_apply(p)))
 
 
 def native_inputs(x, a_t, b_t, out) -> bool:
@@ -70,9 +66,9 @@ def native_inputs(x, a_t, b_t, out) -> bool:
 
 
 def multi_lora_cpu(x, lora_a, lora_b, plan: AdapterPlan, weights=None, scaling=1.0, base_out=None):
-    """`multi_lora` on CPU: the native kernel where it applies, else `multi_lora_torch`."""
+    """`multi_lora` on CPU, inputs already checked: the native kernel where it applies, else `multi_lora_torch`."""
     out = base_out if base_out is not None else x.new_zeros(x.shape[0], lora_b.shape[1], dtype=lora_b.dtype)
-    if weights is None and not isinstance(scaling, torch.Tensor) and decode_shaped(plan, *lora_a.shape[1:], lora_b.shape[1]):
+    if weights is None and not isinstance(scaling, torch.Tensor) and decode_shaped(plan):
         a_t, b_t = lora_a.transpose(1, 2), lora_b.transpose(1, 2)  # the stored orientation the kernel reads
         kernel = native_kernel() if native_inputs(x, a_t, b_t, out) else None
         if kernel is not None:
