@@ -1,4 +1,6 @@
-"""Packaging for moa. `kernels/` and `training/` install as `moa.kernels` and `moa.training`."""
+"""Packaging for moa. `kernels/` and `training/` install as `moa.kernels` and `moa.training`; `configs/` as
+`moa.configs` and the tiny training set `data/tiny/` as `moa/data/tiny/`, the same layout relative to each other
+as in the repository, so the relative paths inside the configs hold in an installed copy (see moa/resources.py)."""
 from setuptools import find_packages, setup
 
 moa_packages = find_packages(include=["moa", "moa.*"])
@@ -8,9 +10,10 @@ setup(
     version="0.1.0",
     description="One model, many cultures: culture LoRAs behind a token-level router, fused multi-LoRA kernels",
     python_requires=">=3.10",
-    packages=moa_packages + ["moa.kernels", "moa.training"],
-    package_dir={"moa.kernels": "kernels", "moa.training": "training"},
-    package_data={"moa": ["data/bundled/**/*", "data/bundled/*"], "moa.kernels": ["csrc/*.cpp"]},
+    packages=moa_packages + ["moa.kernels", "moa.kernels.multi_lora", "moa.training", "moa.configs", "moa.data.tiny"],
+    package_dir={"moa.kernels": "kernels", "moa.training": "training", "moa.configs": "configs", "moa.data.tiny": "data/tiny"},
+    package_data={"moa": ["data/bundled/**/*", "data/bundled/*"], "moa.kernels.multi_lora": ["csrc/*.cpp"],
+                  "moa.configs": ["*/*.yaml", "*/*.json"], "moa.data.tiny": ["*.jsonl", "*.json"]},
     include_package_data=True,
     # Every range was tested: its floor by `.ci/oldest` (the oldest versions allowed), its upper bound by
     # `.ci/latest` (the newest allowed); `constraints.txt` pins the set the whole suite passed on.

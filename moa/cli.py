@@ -1,37 +1,61 @@
-"""The `moa` command. Each verb lives in its own module exposing HELP, add_arguments(parser) and run(args)."""
+"""The `moa` command.
+
+Each verb lives in its own module, which has `add_arguments(parser)` and `run(args)`, or is a group
+of subcommands with a `COMMANDS` table of its own (`moa bench`). Only the module of the command being
+run is imported, so `moa --help` and every verb's `--help` load no more than that verb's arguments.
+"""
 from __future__ import annotations
 
 import argparse
 import importlib
 import sys
 
-VERBS = {
-    "bench": "moa.bench.cli",
-    "demo": "moa.demo",
-    "eval": "moa.eval.cli",
-    "export": "moa.export",
-    "generate": "moa.infer.cli",
-    "synth": "moa.synth.cli",
-    "train": "moa.training.cli",
+VERBS = {  # verb: (module, one-line help)
+    "bench": ("moa.bench.cli", "run a benchmark (table + JSON)"),
+    "demo": ("moa.demo", "run the whole pipeline offline on a CPU: synth, pretrain, train MoA and shared LoRA, eval, generate"),
+    "eval": ("moa.eval.cli", "evaluate a saved MoA run: accuracy per method and culture, routing accuracy and confusion"),
+    "export": ("moa.export", "export a run as PEFT adapters + router, or one culture merged into the base"),
+    "generate": ("moa.infer.cli", "generate for a JSONL file of prompts, every row routed to its own culture"),
+    "synth": ("moa.synth.cli", "synthesize culture-labelled, task-format training data"),
+    "train": ("moa.training.cli", "train culture adapters and the router (DeepSpeed; two stages; resumable)"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moa", description="One model, many cultures: culture LoRAs behind a token-level router.")
-    sub = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
-    for verb, module_name in VERBS.items():
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every option's default, except a default of None (the option's help says what happens then)."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
+def add_commands(parser: argparse.ArgumentParser, dest: str, commands: dict, words: list[str]) -> None:
+    """A subcommand of `parser` for each entry of `commands` ({name: (module, help)}), its name stored in
+    `args.<dest>`. Only the command that `words` (the command line's non-option words) starts with has its
+    module imported and its arguments added; the others are listed in the help at no cost."""
+    sub = parser.add_subparsers(dest=dest, required=True, metavar=dest.upper())
+    for name, (module_name, help_text) in commands.items():
+        command = sub.add_parser(name, help=help_text, formatter_class=HelpFormatter)
+        if words[:1] != [name]:
+            continue
         module = importlib.import_module(module_name)
-        verb_parser = sub.add_parser(verb, help=module.HELP, description=module.__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        module.add_arguments(verb_parser)
-        verb_parser.set_defaults(_run=module.run)
+        command.description = module.__doc__
+        if hasattr(module, "COMMANDS"):
+            add_commands(command, name, module.COMMANDS, words[1:])
+        else:
+            module.add_arguments(command)
+            command.set_defaults(_module=module_name)
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The parser of the command line `argv`, with the arguments of the command it names."""
+    parser = argparse.ArgumentParser(prog="moa",
+                                     description="One model, many cultures: culture LoRAs behind a token-level router.")
+    add_commands(parser, "verb", VERBS, [word for word in argv if not word.startswith("-")])
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args._run(args) or 0)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
+    return int(importlib.import_module(args._module).run(args) or 0)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,23 +1,48 @@
 """`moa demo`: the quick version end to end through the `moa` entry point, and config errors."""
 import json
 
+import pytest
+
 from moa.cli import main
+from moa.data.schema import LABELS
 from moa.demo import DEFAULT_CONFIG
 from moa.eval import METHODS
 
 
+@pytest.mark.slow
 def test_demo_quick_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--output-dir", str(out), "--no-progress"]) == 0
     results = json.loads((out / "results.json").read_text())
-    assert 0.0 <= results["routing_accuracy"] <= 1.0
     cultures = results["cultures"]
+    rows = [json.loads(line) for line in (out / "data" / "stage2_test.jsonl").read_text().splitlines()]
+    label_rows = [r for r in rows if r["task"] in LABELS]
+    assert results["n_rows"] == len(rows) and results["n_label_rows"] == len(label_rows) > 0
+    # routing: the confusion matrix counts every test row once under its culture; its trace is the rows routed right
+    gold = [cultures.index(r["culture"]) for r in rows]
+    confusion = results["confusion"]
+    assert [sum(line) for line in confusion] == [gold.count(c) for c in range(len(cultures))]
+    trace = sum(confusion[c][c] for c in range(len(cultures)))
+    assert results["routing_accuracy"] == pytest.approx(trace / len(rows))
+    assert results["routing_accuracy"] == pytest.approx(sum(g == r for g, r in zip(gold, results["routed"])) / len(rows))
+    # every method's accuracy is its written predictions scored against the labels, overall and per culture,
+    # and the per-culture accuracies average to the overall one weighted by their row counts
+    labels = [r.get("label", r["response"]) for r in label_rows]
+    assert set(results["accuracy"]) == set(results["predictions"]) == set(METHODS)
     for method in METHODS:
         entry = results["accuracy"][method]
-        assert 0.0 <= entry["overall"] <= 1.0
-        assert entry["per_culture"] and set(entry["per_culture"]) <= set(cultures)
+        correct = [p == label for p, label in zip(results["predictions"][method], labels)]
+        assert len(correct) == entry["n"] == len(label_rows)
+        assert entry["overall"] == pytest.approx(sum(correct) / len(correct)), method
+        for c, share in entry["per_culture"].items():
+            hits = [ok for ok, r in zip(correct, label_rows) if r["culture"] == c]
+            assert entry["n_per_culture"][c] == len(hits) and share == pytest.approx(sum(hits) / len(hits)), (method, c)
+        weighted = sum(entry["per_culture"][c] * n for c, n in entry["n_per_culture"].items()) / entry["n"]
+        assert weighted == pytest.approx(entry["overall"]), method
     held = results["held_out_conflicting"]
-    assert set(held["accuracy"]) == set(METHODS) and held["n_label_rows"] > 0
+    assert set(held["accuracy"]) == set(METHODS)
+    assert held["n_rows"] == sum(r.get("norm") in held["norms"] for r in rows)
+    assert held["n_label_rows"] == sum(r.get("norm") in held["norms"] for r in label_rows) > 0
     for name in ["data/stage2_test.jsonl", "base/model.safetensors", "base/tokenizer.json", "moa/final/moa_adapters.safetensors",
                  "shared/final/moa_adapters.safetensors", "results.md", "accuracy.png", "confusion.png", "pretrain.png",
                  "moa/metrics.png", "shared/metrics.png", "generations.jsonl"]:

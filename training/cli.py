@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-HELP = "train culture adapters and the router (DeepSpeed; two stages; resumable)"
-
 
 def add_arguments(parser: argparse.ArgumentParser):
-    parser.add_argument("config", help="training YAML (see configs/train/)")
+    parser.add_argument("config", help="training YAML, e.g. configs/train/tiny-cpu.yaml (a path under configs/ that "
+                                       "does not exist here names the copy installed with moa)")
     parser.add_argument("--output-dir", help="overrides the config's output_dir")
-    parser.add_argument("--deepspeed", help="DeepSpeed JSON config; overrides the config's 'deepspeed'")
+    parser.add_argument("--deepspeed", help="DeepSpeed JSON config, e.g. configs/deepspeed/zero3.json (found as the "
+                                            "config is); overrides the config's 'deepspeed'")
     parser.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (over all stages)")
     parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint in the output dir")
     parser.add_argument("--seed", type=int, help="overrides the config's seed")
@@ -26,15 +26,17 @@ def add_arguments(parser: argparse.ArgumentParser):
 
 
 def run(args) -> int:
+    from moa.resources import config_file
+
     from .config import TrainConfig
 
     try:
-        config = TrainConfig.from_file(args.config)
+        config = TrainConfig.from_file(config_file(args.config))
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.deepspeed:
-        config.deepspeed = args.deepspeed
+        config.deepspeed = str(config_file(args.deepspeed))
     if args.seed is not None:
         config.seed = args.seed
     from .trainer import Trainer

@@ -1,26 +1,8 @@
 """Benchmarks. Each prints a table and writes JSON; timings are never asserted by tests."""
-from __future__ import annotations
 
-import argparse
-import importlib
-
-HELP = "run a benchmark (table + JSON)"
-BENCHES = {
-    "e2e": "moa.bench.e2e",
-    "kernels": "moa.bench.kernels",
-    "train": "moa.bench.train",
+COMMANDS = {  # bench: (module, one-line help)
+    "e2e": ("moa.bench.e2e", "end-to-end tokens/s: base model, MoA mixed batch, PEFT single and mixed adapters"),
+    "kernels": ("moa.bench.kernels", "multi-LoRA kernel timings (triton/cpu/torch/gather_bmm/loop/roofline) or, "
+                                     "with --compile-only, the AOT compile report"),
+    "train": ("moa.bench.train", "training step time: MoA joint K-culture training vs one shared LoRA vs K separate runs"),
 }
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="bench", required=True, metavar="BENCH")
-    for name, module_name in BENCHES.items():
-        module = importlib.import_module(module_name)
-        bench_parser = sub.add_parser(name, help=module.HELP, description=module.__doc__,
-                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        module.add_arguments(bench_parser)
-        bench_parser.set_defaults(_bench_run=module.run)
-
-
-def run(args) -> int:
-    return args._bench_run(args)

@@ -11,15 +11,10 @@ from __future__ import annotations
 import argparse
 import copy
 
-import torch
-from peft import LoraConfig, get_peft_model
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+import torch  # peft, transformers and the model load in the functions that use them: `--help` stays fast
 
-import moa
-from moa.compat import cache_kwargs
 from moa.bench.common import paired_ratio, print_table, stamp, time_interleaved, write_json
 
-HELP = "end-to-end tokens/s: base model, MoA mixed batch, PEFT single and mixed adapters"
 PROVIDERS = ("base", "moa", "peft_single", "peft_mixed")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -39,12 +34,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeat", type=int, default=20, help="timed rounds for decode (prefill: half as many, at least 5)")
     parser.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated subset of " + ",".join(PROVIDERS))
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default="bench-e2e.json", help="where to write the results")
 
 
 def build_models(args) -> dict:
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import moa
+
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(args.seed)
     config = LlamaConfig(hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
@@ -79,6 +79,8 @@ def build_models(args) -> dict:
 
 def forward_fn(name, model, input_ids, cultures, names, cache=None):
     """A zero-argument closure running one forward of `model` the way provider `name` does."""
+    from moa.compat import cache_kwargs
+
     kwargs = {"input_ids": input_ids, "use_cache": cache is not None, **cache_kwargs(cache)}
     if name == "moa":
         return lambda: model(culture_ids=cultures, routing="oracle", **kwargs)
@@ -94,6 +96,9 @@ def _vs_base(stats: dict, name: str) -> float | None:
 
 
 def run(args) -> int:
+    from transformers import DynamicCache
+
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
     models = build_models(args)
     names = [f"culture{i}" for i in range(args.cultures)]
@@ -126,6 +131,5 @@ def run(args) -> int:
     table = print_table(results, [("phase", "phase", "s"), ("provider", "provider", "s"), ("tokens", "tokens", "d"),
                                   ("ms_median", "ms (median)", ".2f"), ("ms_p20", "p20", ".2f"), ("ms_p80", "p80", ".2f"),
                                   ("tokens_per_s", "tokens/s", ".0f"), ("vs_base", "vs base (paired)", ".3f")])
-    write_json(args.json, {"bench": "e2e", **stamp(), "args": vars(args) | {"_run": None, "_bench_run": None},
-                           "results": results, "table": table})
+    write_json(args.json, {"bench": "e2e", **stamp(), "args": vars(args), "results": results, "table": table})
     return 0

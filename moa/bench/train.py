@@ -26,14 +26,10 @@ import argparse
 import copy
 import os
 
-import torch
-from peft import LoraConfig, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+import torch  # peft, transformers and the model load in the functions that use them: `--help` stays fast
 
-import moa
 from moa.bench.common import paired_ratio, print_table, stamp, time_interleaved, write_json
 
-HELP = "training step time: MoA joint K-culture training vs one shared LoRA vs K separate runs"
 PROVIDERS = ("moa_joint", "shared_lora", "shared_lora_kr", "separate_runs")
 LABELS = {
     "moa_joint": "(a) MoA joint, K adapters, mixed batch",
@@ -62,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--providers", default=",".join(PROVIDERS), help="comma-separated subset of " + ",".join(PROVIDERS))
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for torch during the run (0: torch's default); 1 keeps timings steady on a shared CPU")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", default="bench-train.json", help="where to write the results")
 
@@ -101,6 +97,8 @@ class Trainer:
 
 
 def _moa_trainer(name, base, names, rank, batch, culture_ids, args) -> Trainer:
+    import moa
+
     config = moa.MoAConfig(cultures=names, r=rank, alpha=2 * rank, target_modules=TARGETS, train_routing="gold",
                            router_loss_weight=args.router_loss_weight)
     model = moa.MoAForCausalLM.from_base(copy.deepcopy(base), config).train()
@@ -125,6 +123,8 @@ def _moa_trainer(name, base, names, rank, batch, culture_ids, args) -> Trainer:
 
 
 def _separate_trainer(base, names, batch, row_cultures, args) -> Trainer:
+    from peft import LoraConfig, get_peft_model
+
     input_ids, labels = batch
     runs = []
     for c in range(len(names)):
@@ -157,6 +157,8 @@ def build_trainers(args) -> dict[str, Trainer]:
                          "(every culture gets the same number of rows)")
     if args.seq_len < 2:
         raise ValueError(f"--seq-len must be >= 2 (next-token labels), got {args.seq_len}")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     wanted = _providers(args.providers)
     torch.manual_seed(args.seed)
     config = LlamaConfig(hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
@@ -197,6 +199,7 @@ def _checks(by_name: dict, max_ratio: float) -> list[dict]:
 
 
 def run(args) -> int:
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if args.threads < 0:
         raise ValueError(f"--threads must be >= 0, got {args.threads}")
     threads = torch.get_num_threads()
@@ -237,6 +240,6 @@ def _run(args) -> int:
     for check in checks:
         print(f"{'PASS' if check['passed'] else 'FAIL'}  {check['check']}: {check['value']:.3f}")
     write_json(args.json, {"bench": "train", **stamp(), "load_average": {"before": load_before, "after": load_after},
-                           "args": vars(args) | {"_run": None, "_bench_run": None},
+                           "args": vars(args),
                            "results": results, "checks": checks, "table": table})
     return 0

@@ -11,10 +11,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
-HELP = "evaluate a saved MoA run: accuracy per method and culture, routing accuracy and confusion"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="saved MoA run directory (moa_config.json, adapters, base_model.json)")
@@ -24,11 +20,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=32, help="sequences (rows x labels) per forward")
     parser.add_argument("--max-length", type=int, default=256, help="tokens per sequence (prompt end and response kept)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N rows")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
 def run(args) -> int:
+    import torch
+
     from moa.base_model import load_moa
     from moa.data import CULTURES, load_jsonl
     from moa.eval.report import format_markdown, write_report
@@ -39,8 +37,9 @@ def run(args) -> int:
             raise ValueError(f"--limit must be at least 1, got {args.limit}")
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
-        model, tokenizer = load_moa(args.model, args.device)
-        shared = load_moa(args.shared, args.device)[0] if args.shared else None
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        model, tokenizer = load_moa(args.model, device)
+        shared = load_moa(args.shared, device)[0] if args.shared else None
         known = list(CULTURES) + [c for c in model.config.cultures if c not in CULTURES]
         rows = load_jsonl(args.data, cultures=known)[:args.limit]
         results = evaluate(model, tokenizer, rows, shared_model=shared, batch_size=args.batch_size,
@@ -52,14 +51,3 @@ def run(args) -> int:
     print(format_markdown(results))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")
     return 0
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="moa eval", description=__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,8 +17,6 @@ import argparse
 import sys
 import time
 
-HELP = "generate for a JSONL file of prompts, every row routed to its own culture"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="saved MoA run directory (moa_config.json, moa_adapters.safetensors, base_model.json)")
@@ -66,14 +64,3 @@ def run(args) -> int:
     print(f"{len(results)} rows, {new_tokens} new tokens in {seconds:.2f}s ({new_tokens / max(seconds, 1e-9):.1f} tokens/s) "
           f"-> {args.output}")
     return 0
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="moa generate", description=__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

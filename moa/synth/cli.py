@@ -11,15 +11,14 @@ import argparse
 import json
 import sys
 
-HELP = "synthesize culture-labelled, task-format training data"
-
 
 def _list(text: str) -> list:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="synthesis config YAML, e.g. configs/synth/offline.yaml")
+    parser.add_argument("config", help="synthesis config YAML, e.g. configs/synth/offline.yaml (a path under configs/ "
+                                       "that does not exist here names the copy installed with moa)")
     parser.add_argument("--output-dir", help="where to write (default: the config's output_dir)")
     parser.add_argument("--samples", type=int, help="stage-2 samples per culture and task (overrides samples_per_task)")
     parser.add_argument("--cultures", type=_list, help="comma-separated cultures (default: the config's)")
@@ -30,12 +29,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+    from moa.resources import config_file
     from moa.synth.config import load_config
     from moa.synth.pipeline import run as run_pipeline
     from moa.synth.report import format_table, plot_counts
 
     try:
-        cfg = load_config(args.config, output_dir=args.output_dir, samples_per_task=args.samples,
+        cfg = load_config(config_file(args.config), output_dir=args.output_dir, samples_per_task=args.samples,
                           cultures=args.cultures, tasks=args.tasks)
         summary = run_pipeline(cfg, fresh=args.fresh, progress=not args.no_progress)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
