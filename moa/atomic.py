@@ -1,4 +1,8 @@
-"""Atomic writes: build a directory under a temporary name, then rename it into place."""
+"""Atomic writes: build a file or a directory under a temporary name beside it, then rename it into place.
+
+A reader sees either the previous version or the complete new one, never a half-written one; if
+the writing raises, the temporary is removed and the previous version is untouched.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -10,13 +14,32 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | Path):
+def atomic_file(path: str | Path):
+    """Yield a text file (UTF-8) open for writing beside `path`; on success it replaces `path` in one rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "x", encoding="utf-8") as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str | Path, marker: str):
     """Yield a temporary directory beside `path`; on success it replaces `path` in one rename.
 
-    If the block raises, the temporary directory is removed and `path` is untouched. An existing
-    `path` is moved aside first and deleted only after the new one is in place.
+    `marker` names a file every directory of this kind holds: an existing `path` is replaced only
+    when it is empty or holds `marker` (an earlier write of the same kind), so nothing else is
+    ever deleted. It is moved aside first and deleted only after the new one is in place.
     """
     path = Path(path)
+    if path.exists() and not (path.is_dir() and (not any(path.iterdir()) or (path / marker).is_file())):
+        raise FileExistsError(f"{path} exists and is not an earlier output of this kind (no {marker} in it): "
+                              f"refusing to replace it; choose another path or remove it")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:

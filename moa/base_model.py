@@ -1,59 +1,20 @@
-"""Which base model a run adapts, and how to build it: a local transformers directory or a tiny config.
+"""Build the base model a run adapts, from its `BaseModelConfig`: a local transformers directory or a tiny config.
 
-`BaseModelConfig` is what training configs hold under `model:` and what a saved MoA run stores as
-`base_model.json`, so `load_moa(run_dir)` can rebuild the whole model (base + adapters + routers)
-with no other input. Nothing is downloaded: a path must be a local directory.
+`load_moa(run_dir)` rebuilds a whole saved run (base model + adapters + routers) from its files
+alone, base_model.json naming the base (see moa.saved_run). Nothing is downloaded: a path must be
+a local directory.
 """
 from __future__ import annotations
 
-import json
 import tempfile
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-from moa.config import from_mapping
-
-BASE_MODEL_NAME = "base_model.json"
-QUANTIZATIONS = (None, "nf4", "fp4", "int8")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-@dataclass
-class BaseModelConfig:
-    path: str | None = field(default=None, metadata={"help": "Local transformers model directory (config.json + safetensors)."})
-    tiny: dict | None = field(default=None, metadata={"help": "Instead of a path: keyword arguments of moa.tiny.tiny_config "
-                                                              "(family, hidden_size, ...) for a randomly initialised tiny model."})
-    tokenizer: str | None = field(default=None, metadata={"help": "'byte' (ByT5 byte tokenizer, no files) or a local tokenizer "
-                                                                  "directory; default: the model path, or 'byte' for a tiny model."})
-    quantization: str | None = field(default=None, metadata={"help": "None, 'nf4' or 'fp4' (bitsandbytes 4-bit, QLoRA) or 'int8'."})
-    dtype: str = field(default="float32", metadata={"help": "Compute dtype: float32, bfloat16 or float16 (also the 4-bit quant storage)."})
-    seed: int = field(default=0, metadata={"help": "Initialisation seed of a tiny model."})
-    trust_remote_code: bool = field(default=False, metadata={"help": "Passed to transformers; off unless you set it."})
-
-    def __post_init__(self):
-        if (self.path is None) == (self.tiny is None):
-            raise ValueError(f"model: give exactly one of 'path' (a local model directory) or 'tiny' (a tiny config), "
-                             f"got path={self.path!r}, tiny={self.tiny!r}")
-        if self.tiny is not None and not isinstance(self.tiny, dict):
-            raise ValueError(f"model.tiny must be a mapping of tiny_config arguments, got {self.tiny!r}")
-        if self.quantization not in QUANTIZATIONS:
-            raise ValueError(f"model.quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict, source: str = "model") -> "BaseModelConfig":
-        return from_mapping(cls, data, source)
+from moa import saved_run
+from moa.config import BaseModelConfig
+from moa.model import MoAForCausalLM
 
 
 def _quantization_config(spec: BaseModelConfig):
@@ -111,20 +72,8 @@ def load_base_model(spec: BaseModelConfig, device: str | torch.device = "cpu"):
     return model.eval(), load_tokenizer(spec)
 
 
-def save_base_spec(spec: BaseModelConfig, directory: str | Path) -> None:
-    Path(directory, BASE_MODEL_NAME).write_text(json.dumps(spec.to_dict(), indent=2) + "\n")
-
-
 def load_moa(run_dir: str | Path, device: str | torch.device = "cpu"):
-    """(MoAForCausalLM, tokenizer) from a directory written by training (adapters, routers and base_model.json)."""
-    from moa.model import MoAForCausalLM
-
-    run_dir = Path(run_dir)
-    spec_file = run_dir / BASE_MODEL_NAME
-    if not spec_file.is_file():
-        raise FileNotFoundError(f"{spec_file} not found: {run_dir} is not a saved MoA run (expected {BASE_MODEL_NAME} "
-                                f"beside moa_config.json and moa_adapters.safetensors)")
-    spec = BaseModelConfig.from_dict(json.loads(spec_file.read_text()), str(spec_file))
+    """(MoAForCausalLM, tokenizer) of a saved run, in eval mode on `device`; every file is checked before the base is built."""
+    _, spec = saved_run.read(run_dir)
     base, tokenizer = load_base_model(spec, device)
-    model = MoAForCausalLM.from_pretrained(run_dir, base_model=base)
-    return model.eval(), tokenizer
+    return MoAForCausalLM.from_pretrained(run_dir, base_model=base).eval(), tokenizer

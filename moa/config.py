@@ -1,8 +1,14 @@
-"""`MoAConfig`: which cultures, which projections, LoRA and router settings. Validated on creation."""
+"""The model's config dataclasses, and how every config dataclass of moa is read from a mapping.
+
+`MoAConfig`: which cultures, which projections, LoRA and router settings. `BaseModelConfig`: which
+base model a run adapts (a local transformers directory or a tiny config) and how to load it.
+Both are validated on creation. `from_mapping` reads any config dataclass (these, the training,
+synthesis and demo configs) from a parsed YAML/JSON mapping, refusing unknown and missing keys.
+"""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import yaml
@@ -11,19 +17,32 @@ ROUTING_MODES = ("oracle", "router", "topk")
 
 
 def from_mapping(cls, data, source: str):
-    """`cls(**data)` for a config dataclass, refusing a non-mapping and unknown keys, naming `source`."""
+    """`cls(**data)` for a config dataclass; errors name `source`, the bad keys and the known keys.
+
+    `data` None reads as an empty mapping, and an instance of `cls` is returned as it is. The
+    dataclass's own checks (`__post_init__`, which reads nested sections with from_mapping too)
+    raise ValueError; their messages are prefixed with `source`.
+    """
+    if isinstance(data, cls):
+        return data
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ValueError(f"{source}: expected a mapping, got {type(data).__name__} {data!r}")
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(data) - known)
+    known = [f.name for f in fields(cls)]
+    unknown = sorted(set(data) - set(known))
     if unknown:
         raise ValueError(f"{source}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+    missing = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING and f.name not in data]
+    if missing:
+        raise ValueError(f"{source}: missing required key(s) {missing}")
     try:
         return cls(**data)
-    except TypeError as err:
-        raise ValueError(f"{source}: {err}") from None
+    except (TypeError, ValueError) as err:  # TypeError: a value of the wrong type met by a check
+        message = str(err)
+        raise ValueError(message if message.startswith(source) else f"{source}: {message}") from None
+
+
 TRAIN_ROUTING = ("gold", "router")
 
 
@@ -86,30 +105,26 @@ class MoAConfig:
     def scaling(self) -> float:
         return self.alpha / (self.r**0.5 if self.rslora else self.r)
 
-    def culture_id(self, culture: str | int) -> int:
-        """Index of a culture name (ints are range-checked and returned)."""
-        if isinstance(culture, int):
-            if not -1 <= culture < self.num_cultures:
-                raise ValueError(f"culture id {culture} out of range: expected -1 or 0..{self.num_cultures - 1}")
-            return culture
-        if culture not in self.cultures:
-            raise ValueError(f"unknown culture {culture!r}: expected one of {self.cultures}")
-        return self.cultures.index(culture)
+    def culture_id(self, culture: str | int, base: bool = True) -> int:
+        """Index of a culture name; an int is range-checked and returned. -1 (the base model, no
+        adapter) is accepted only with `base`: without, the culture must name an adapter slot."""
+        if isinstance(culture, str):
+            if culture not in self.cultures:
+                raise ValueError(f"unknown culture {culture!r}: expected one of {self.cultures}")
+            return self.cultures.index(culture)
+        lowest = -1 if base else 0
+        if not isinstance(culture, int) or isinstance(culture, bool) or not lowest <= culture < self.num_cultures:
+            expected = "-1 (base model) or " if base else ""
+            raise ValueError(f"culture id {culture!r} out of range: expected {expected}0..{self.num_cultures - 1} "
+                             f"or a name of {self.cultures}")
+        return culture
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> "MoAConfig":
-        if not isinstance(data, dict):
-            raise ValueError(f"{source}: expected a mapping of MoAConfig fields, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown MoAConfig key(s) {unknown}; known keys: {sorted(known)}")
-        if "cultures" not in data:
-            raise ValueError(f"{source}: missing required key 'cultures'")
-        return cls(**data)
+        return from_mapping(cls, data, source)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "MoAConfig":
@@ -121,3 +136,45 @@ class MoAConfig:
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+QUANTIZATIONS = (None, "nf4", "fp4", "int8")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class BaseModelConfig:
+    path: str | None = field(default=None, metadata={"help": "Local transformers model directory (config.json + safetensors)."})
+    tiny: dict | None = field(default=None, metadata={"help": "Instead of a path: keyword arguments of moa.tiny.tiny_config "
+                                                              "(family, hidden_size, ...) for a randomly initialised tiny model."})
+    tokenizer: str | None = field(default=None, metadata={"help": "'byte' (ByT5 byte tokenizer, no files) or a local tokenizer "
+                                                                  "directory; default: the model path, or 'byte' for a tiny model."})
+    quantization: str | None = field(default=None, metadata={"help": "None, 'nf4' or 'fp4' (bitsandbytes 4-bit, QLoRA) or 'int8'."})
+    dtype: str = field(default="float32", metadata={"help": "Compute dtype: float32, bfloat16 or float16 (also the 4-bit quant storage)."})
+    seed: int = field(default=0, metadata={"help": "Initialisation seed of a tiny model."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Passed to transformers; off unless you set it."})
+
+    def __post_init__(self):
+        if (self.path is None) == (self.tiny is None):
+            raise ValueError(f"model: give exactly one of 'path' (a local model directory) or 'tiny' (a tiny config), "
+                             f"got path={self.path!r}, tiny={self.tiny!r}")
+        if self.tiny is not None and not isinstance(self.tiny, dict):
+            raise ValueError(f"model.tiny must be a mapping of tiny_config arguments, got {self.tiny!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"model.quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+
+    @property
+    def torch_dtype(self):
+        """The torch dtype named by `dtype`."""
+        import torch
+
+        return getattr(torch, self.dtype)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "model") -> "BaseModelConfig":
+        return from_mapping(cls, data, source)

@@ -17,32 +17,110 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
 
+from moa.config import from_mapping
+from moa.resources import CONFIGS
+
 HELP = "run the whole pipeline offline on a CPU: synth, pretrain, train MoA and shared LoRA, eval, generate"
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo" / "default.yaml"
-SECTIONS = {
-    "synth": None,  # checked by moa.synth.config
-    "tokenizer": {"vocab_size"},
-    "model": {"family", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-              "num_key_value_heads"},
-    "pretrain": {"steps", "batch_size", "seq_len", "lr", "warmup_steps", "min_lr_ratio", "weight_decay", "culture_batch_size", "culture_weight",
-                 "retold_copies", "retold_facts", "cue_list_copies"},
-    "train": {"moa", "stages", "optim", "batch", "eval_rows"},
-    "eval": {"batch_size", "max_length"},
-    "generate": {"cultures", "max_new_tokens"},
-}
+DEFAULT_CONFIG = CONFIGS / "demo" / "default.yaml"
 STAGE_DATA = ("stage1", "stage2")
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2: the pad and eos ids of moa.tiny.tiny_config
 
 
 # ---------------------------------------------------------------------------------------------- config
+@dataclass
+class TokenizerSection:
+    vocab_size: int = field(metadata={"help": "Vocabulary of the byte-level BPE tokenizer trained on the corpus and the training rows."})
+
+
+@dataclass
+class ModelSection:
+    family: str = field(metadata={"help": "moa.tiny model family: llama, qwen2 or mistral (vocab_size comes from the tokenizer)."})
+    hidden_size: int = field(metadata={"help": "Hidden size of the tiny model."})
+    intermediate_size: int = field(metadata={"help": "MLP size of the tiny model."})
+    num_hidden_layers: int = field(metadata={"help": "Decoder layers."})
+    num_attention_heads: int = field(metadata={"help": "Attention heads."})
+    num_key_value_heads: int = field(metadata={"help": "Key/value heads (grouped-query attention)."})
+
+
+@dataclass
+class PretrainSection:
+    steps: int = field(metadata={"help": "Optimizer steps of pre-training."})
+    batch_size: int = field(metadata={"help": "Language-modelling texts per step."})
+    culture_batch_size: int = field(metadata={"help": "Stage-2 training prompts per step, for the culture loss only."})
+    seq_len: int = field(metadata={"help": "Tokens per text at most."})
+    lr: float = field(metadata={"help": "Peak learning rate (linear warmup, then cosine decay)."})
+    warmup_steps: int = field(metadata={"help": "Linear warmup steps."})
+    min_lr_ratio: float = field(metadata={"help": "Final learning rate as a fraction of the peak."})
+    weight_decay: float = field(metadata={"help": "AdamW weight decay."})
+    culture_weight: float = field(metadata={"help": "Weight of the culture-identification loss (see `pretrain`)."})
+    retold_copies: int = field(metadata={"help": "Per culture: texts retelling its corpus facts under one cue."})
+    retold_facts: int = field(metadata={"help": "Facts per retold text."})
+    cue_list_copies: int = field(metadata={"help": "Per culture: shuffled lists of its cities and of its names."})
+
+
+@dataclass
+class TrainSection:
+    moa: dict = field(metadata={"help": "moa.MoAConfig fields; cultures and seed are set by the demo."})
+    stages: list = field(metadata={"help": "moa.training stages, each with `data`: stage1 or stage2 (default: stage1 "
+                                           "for the first stage, stage2 after); data paths are set by the demo."})
+    eval_rows: int = field(metadata={"help": "Validation rows evaluated per pass."})
+    optim: dict | None = field(default=None, metadata={"help": "moa.training optim section."})
+    batch: dict | None = field(default=None, metadata={"help": "moa.training batch section."})
+
+    def __post_init__(self):
+        if not isinstance(self.stages, list):
+            raise ValueError(f"train.stages must be a list, got {self.stages!r}")
+        for i, stage in enumerate(self.stages):
+            if not isinstance(stage, dict) or stage.get("data", STAGE_DATA[min(i, 1)]) not in STAGE_DATA:
+                raise ValueError(f"train.stages[{i}].data must be one of {STAGE_DATA}, got {stage!r}")
+
+
+@dataclass
+class EvalSection:
+    batch_size: int = field(metadata={"help": "Sequences (rows x labels) per forward."})
+    max_length: int = field(metadata={"help": "Tokens per sequence at most."})
+
+
+@dataclass
+class GenerateSection:
+    cultures: int = field(metadata={"help": "Prompts in the mixed-culture batch, one culture each."})
+    max_new_tokens: int = field(metadata={"help": "New tokens per prompt at most."})
+
+
+@dataclass
+class DemoConfig:
+    synth: dict = field(metadata={"help": "moa.synth.config keys; output_dir and seed are set by the demo."})
+    tokenizer: TokenizerSection = field(metadata={"help": "Phase 2: the tokenizer."})
+    model: ModelSection = field(metadata={"help": "Phase 2: the tiny model (moa.tiny.tiny_config arguments)."})
+    pretrain: PretrainSection = field(metadata={"help": "Phase 2: pre-training on the bundled corpus."})
+    train: TrainSection = field(metadata={"help": "Phases 3 and 4: moa.training config sections."})
+    eval: EvalSection = field(metadata={"help": "Phase 5: evaluation."})
+    generate: GenerateSection = field(metadata={"help": "Phase 6: the mixed-culture generation batch."})
+    quick: dict | None = field(default=None, metadata={"help": "The overrides of `moa demo --quick`, merged in section "
+                                                               "by section (a list replaces a list)."})
+
+    def __post_init__(self):
+        if not isinstance(self.synth, dict):
+            raise ValueError(f"synth must be a mapping of moa.synth.config keys, got {self.synth!r}")
+        self.quick = {} if self.quick is None else self.quick
+        if not isinstance(self.quick, dict):
+            raise ValueError(f"quick must be a mapping of sections to override, got {self.quick!r}")
+        self.tokenizer = from_mapping(TokenizerSection, self.tokenizer, "tokenizer")
+        self.model = from_mapping(ModelSection, self.model, "model")
+        self.pretrain = from_mapping(PretrainSection, self.pretrain, "pretrain")
+        self.train = from_mapping(TrainSection, self.train, "train")
+        self.eval = from_mapping(EvalSection, self.eval, "eval")
+        self.generate = from_mapping(GenerateSection, self.generate, "generate")
+
+
 def _merge(base: dict, override: dict) -> dict:
     """`override` merged into a copy of `base`: mappings merge key by key, anything else replaces."""
     out = copy.deepcopy(base)
@@ -51,39 +129,25 @@ def _merge(base: dict, override: dict) -> dict:
     return out
 
 
-def load_demo_config(path: str | Path = DEFAULT_CONFIG, quick: bool = False) -> dict:
-    """The demo config (with the `quick` overrides merged in when asked); unknown keys are errors."""
+def load_demo_config(path: str | Path = DEFAULT_CONFIG, quick: bool = False) -> DemoConfig:
+    """The demo config, with its `quick:` overrides merged in when asked; both versions are checked."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"demo config {path} not found")
-    raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
-    unknown = sorted(set(raw) - set(SECTIONS) - {"quick"})
-    if unknown:
-        raise ValueError(f"{path}: unknown section(s) {unknown}; known: {sorted(SECTIONS) + ['quick']}")
-    quick_part = raw.pop("quick", None) or {}
-    config = _merge(raw, quick_part) if quick else raw
-    for section, known in SECTIONS.items():
-        if section not in config or not isinstance(config[section], dict):
-            raise ValueError(f"{path}: section {section!r} must be a mapping, got {config.get(section)!r}")
-        extra = sorted(set(config[section]) - known) if known is not None else []
-        if extra:
-            raise ValueError(f"{path}: unknown key(s) {extra} in {section!r}; known keys: {sorted(known)}")
-    for i, stage in enumerate(config["train"].get("stages") or []):
-        if not isinstance(stage, dict) or stage.get("data", STAGE_DATA[min(i, 1)]) not in STAGE_DATA:
-            raise ValueError(f"{path}: train.stages[{i}].data must be one of {STAGE_DATA}, got {stage!r}")
-    return config
+    raw = yaml.safe_load(path.read_text())
+    full = from_mapping(DemoConfig, raw, str(path))
+    small = from_mapping(DemoConfig, _merge(raw, full.quick), str(path))
+    return small if quick else full
 
 
 # ---------------------------------------------------------------------------------------------- phases
-def synthesize(config: dict, out_dir: Path, seed: int, progress: bool) -> dict:
+def synthesize(config: DemoConfig, out_dir: Path, seed: int, progress: bool) -> dict:
     """Phase 1: offline synthesis into out_dir (stage1_*.jsonl, stage2_*.jsonl, summary.json/png)."""
     from moa.synth.config import load_config
     from moa.synth.pipeline import run as run_synth
     from moa.synth.report import plot_counts
 
-    synth = load_config(None, **{**config["synth"], "output_dir": str(out_dir), "seed": seed, "plot": True})
+    synth = load_config(None, **{**config.synth, "output_dir": str(out_dir), "seed": seed, "plot": True})
     summary = run_synth(synth, fresh=True, progress=progress)
     if summary["short_jobs"]:
         raise RuntimeError(f"synthesis fell short of its targets: {summary['short_jobs']}")
@@ -147,7 +211,7 @@ def cue_lists(rng, cultures: list[str], copies: int) -> list[tuple[str, str]]:
     return texts
 
 
-def pretrain_examples(config: dict, tokenizer, data_dir: Path, cultures: list[str], seed: int):
+def pretrain_examples(config: DemoConfig, tokenizer, data_dir: Path, cultures: list[str], seed: int):
     """Two lists of (token ids, culture id or -1): language-modelling texts and culture-only prompts.
 
     Language modelling: the bundled corpus of the demo's cultures, its facts retold under
@@ -159,11 +223,11 @@ def pretrain_examples(config: dict, tokenizer, data_dir: Path, cultures: list[st
     from moa.data import encode_example, encode_prompt, load_jsonl
     from moa.data.norms import corpus
 
-    cfg, seq = config["pretrain"], config["pretrain"]["seq_len"]
+    cfg, seq = config.pretrain, config.pretrain.seq_len
     rng = random.Random(seed)
     texts = [(doc["text"], doc["culture"]) for doc in corpus() if doc["culture"] in cultures]
-    texts += retold_facts(rng, cultures, cfg["retold_copies"], cfg["retold_facts"])
-    texts += cue_lists(rng, cultures, cfg["cue_list_copies"])
+    texts += retold_facts(rng, cultures, cfg.retold_copies, cfg.retold_facts)
+    texts += cue_lists(rng, cultures, cfg.cue_list_copies)
     eos = tokenizer.eos_token_id
     lm = [(tokenizer(t, add_special_tokens=False)["input_ids"][:seq - 1] + [eos], cultures.index(c)) for t, c in texts]
     lm += [(encode_example(tokenizer, r, seq)["input_ids"], cultures.index(r["culture"]))
@@ -194,7 +258,7 @@ def culture_loss(hidden_states, mask: torch.Tensor, cultures: torch.Tensor, head
     return torch.stack(losses).mean()
 
 
-def pretrain(config: dict, data_dir: Path, out_dir: Path, cultures: list[str], seed: int, progress: bool) -> list[dict]:
+def pretrain(config: DemoConfig, data_dir: Path, out_dir: Path, cultures: list[str], seed: int, progress: bool) -> list[dict]:
     """Phase 2: tokenizer + tiny Llama, saved to out_dir (safetensors). Returns the losses per step.
 
     Every step takes `batch_size` language-modelling texts and `culture_batch_size` prompts. Loss:
@@ -205,46 +269,38 @@ def pretrain(config: dict, data_dir: Path, out_dir: Path, cultures: list[str], s
     from tqdm import tqdm
 
     from moa.atomic import atomic_directory
-    from moa.data import load_jsonl
+    from moa.data import load_jsonl, padding_id
     from moa.data.norms import corpus
+    from moa.data.padding import pad_batch
     from moa.tiny import tiny_model
+    from moa.training.schedule import warmup_decay
 
-    cfg = config["pretrain"]
+    cfg = config.pretrain
     rows = load_jsonl(data_dir / "stage1_train.jsonl") + load_jsonl(data_dir / "stage2_train.jsonl")
     tokenizer = build_tokenizer([d["text"] for d in corpus()] + [f"User: {r['prompt']}\nAssistant: {r['response']}" for r in rows],
-                                config["tokenizer"]["vocab_size"])
+                                config.tokenizer.vocab_size)
     texts, prompts = pretrain_examples(config, tokenizer, data_dir, cultures, seed)
-    model = tiny_model(seed=seed, vocab_size=len(tokenizer), **config["model"]).train()
+    model = tiny_model(seed=seed, vocab_size=len(tokenizer), **asdict(config.model)).train()
     hidden, layers = model.config.hidden_size, model.config.num_hidden_layers
     heads = torch.nn.ModuleList([torch.nn.Linear(hidden, len(cultures)) for _ in range(layers)])
     params = list(model.parameters()) + list(heads.parameters())
-    optimizer = torch.optim.AdamW(params, lr=cfg["lr"], betas=(0.9, 0.95), weight_decay=cfg["weight_decay"])
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(seed)
-    steps, warmup = cfg["steps"], cfg["warmup_steps"]
     history = []
-    bar = tqdm(range(steps), desc="pretrain", unit="step", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(range(cfg.steps), desc="pretrain", unit="step", disable=not progress, dynamic_ncols=True)
     for step in bar:
-        if step < warmup:
-            lr = cfg["lr"] * (step + 1) / (warmup + 1)
-        else:
-            done = (step - warmup) / max(steps - warmup - 1, 1)
-            lr = cfg["lr"] * (cfg["min_lr_ratio"] + (1 - cfg["min_lr_ratio"]) * 0.5 * (1 + math.cos(math.pi * done)))
+        lr = warmup_decay(cfg.lr, step, cfg.steps, cfg.warmup_steps, cfg.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        picked = [texts[i] for i in torch.randint(0, len(texts), (cfg["batch_size"],), generator=generator).tolist()]
+        picked = [texts[i] for i in torch.randint(0, len(texts), (cfg.batch_size,), generator=generator).tolist()]
         n_lm = len(picked)
-        picked += [prompts[i] for i in torch.randint(0, len(prompts), (cfg["culture_batch_size"],), generator=generator).tolist()]
-        width = max(len(ids) for ids, _ in picked)
-        input_ids = torch.zeros(len(picked), width, dtype=torch.long)
-        mask = torch.zeros(len(picked), width)
-        for row, (ids, _) in enumerate(picked):
-            input_ids[row, :len(ids)] = torch.tensor(ids)
-            mask[row, :len(ids)] = 1
+        picked += [prompts[i] for i in torch.randint(0, len(prompts), (cfg.culture_batch_size,), generator=generator).tolist()]
+        input_ids, mask = pad_batch([ids for ids, _ in picked], padding_id(tokenizer))
         labels = input_ids.masked_fill(mask == 0, -100)
         labels[n_lm:] = -100  # the prompts are read for their culture only
-        out = model(input_ids=input_ids, attention_mask=mask.long(), labels=labels, output_hidden_states=True)
-        culture = culture_loss(out.hidden_states[:layers], mask, torch.tensor([c for _, c in picked]), heads)
-        loss = out.loss + cfg["culture_weight"] * culture
+        out = model(input_ids=input_ids, attention_mask=mask, labels=labels, output_hidden_states=True)
+        culture = culture_loss(out.hidden_states[:layers], mask.float(), torch.tensor([c for _, c in picked]), heads)
+        loss = out.loss + cfg.culture_weight * culture
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -252,34 +308,34 @@ def pretrain(config: dict, data_dir: Path, out_dir: Path, cultures: list[str], s
         history.append({"step": step + 1, "lm_loss": out.loss.item(), "culture_loss": culture.item(), "lr": lr})
         bar.set_postfix(lm=f"{history[-1]['lm_loss']:.3f}", culture=f"{history[-1]['culture_loss']:.3f}")
     model.eval()
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, marker="config.json") as tmp:
         model.save_pretrained(tmp)  # config.json + model.safetensors
         tokenizer.save_pretrained(tmp)
     return history
 
 
-def train_config(config: dict, base_dir: Path, data_dir: Path, out_dir: Path, cultures: list[str], seed: int,
+def train_config(config: DemoConfig, base_dir: Path, data_dir: Path, out_dir: Path, cultures: list[str], seed: int,
                  shared: bool):
     """The moa.training config of phase 3 (MoA) or phase 4 (shared LoRA, `shared=True`)."""
     from moa.training.config import TrainConfig
 
-    train = config["train"]
+    train = config.train
     stages = []
-    for i, stage in enumerate(train["stages"]):
+    for i, stage in enumerate(train.stages):
         stage = dict(stage)
         data = stage.pop("data", STAGE_DATA[min(i, 1)])
         stage["train"] = str(data_dir / f"{data}_train.jsonl")
         stage["validation"] = str(data_dir / f"{data}_validation.jsonl")
         stages.append(stage)
     total = sum(int(s.get("steps", 0)) for s in stages) or 1
-    data = {"model": {"path": str(base_dir)}, "moa": {**train["moa"], "cultures": cultures, "seed": seed},
-            "stages": stages, "optim": train.get("optim"), "batch": train.get("batch"), "shared_lora": shared,
-            "output_dir": str(out_dir), "save_interval": total, "keep_checkpoints": 1, "eval_rows": train["eval_rows"],
+    data = {"model": {"path": str(base_dir)}, "moa": {**train.moa, "cultures": cultures, "seed": seed},
+            "stages": stages, "optim": train.optim, "batch": train.batch, "shared_lora": shared,
+            "output_dir": str(out_dir), "save_interval": total, "keep_checkpoints": 1, "eval_rows": train.eval_rows,
             "seed": seed}
     return TrainConfig.from_dict(data, source="demo config train")
 
 
-def train(config: dict, base_dir: Path, data_dir: Path, out_dir: Path, cultures: list[str], seed: int, shared: bool,
+def train(config: DemoConfig, base_dir: Path, data_dir: Path, out_dir: Path, cultures: list[str], seed: int, shared: bool,
           progress: bool) -> Path:
     """Phases 3 and 4: one moa.training run; returns its final/ directory."""
     from moa.training.trainer import Trainer
@@ -290,14 +346,6 @@ def train(config: dict, base_dir: Path, data_dir: Path, out_dir: Path, cultures:
 
 
 # ---------------------------------------------------------------------------------------------- results
-def subset_accuracy(correct: list[bool], rows: list[dict], cultures: list[str]) -> dict:
-    """Overall and per-culture accuracy of `correct` (one bool per row), with counts."""
-    share = lambda hits: sum(hits) / len(hits) if hits else None
-    per = {c: [ok for ok, r in zip(correct, rows) if r["culture"] == c] for c in cultures}
-    return {"overall": share(correct), "per_culture": {c: share(h) for c, h in per.items() if h}, "n": len(correct),
-            "n_per_culture": {c: len(h) for c, h in per.items() if h}}
-
-
 def held_out_conflicting(results: dict, rows: list[dict]) -> dict:
     """Accuracy of every method and routing accuracy on the test rows about conflicting norms.
 
@@ -307,6 +355,7 @@ def held_out_conflicting(results: dict, rows: list[dict]) -> dict:
     """
     from moa.data import LABELS
     from moa.data.norms import conflicting_questions
+    from moa.eval.scoring import accuracy_summary
 
     cultures, routed = results["cultures"], results["routed"]
     conflicting = {q.id for q in conflicting_questions()}
@@ -317,8 +366,8 @@ def held_out_conflicting(results: dict, rows: list[dict]) -> dict:
            "accuracy": {}, "accuracy_cued": {}}
     for method, predicted in results["predictions"].items():
         correct = [predicted[i] == label_rows[i].get("label", label_rows[i]["response"]) for i in range(len(label_rows))]
-        out["accuracy"][method] = subset_accuracy([correct[i] for i in keep], [label_rows[i] for i in keep], cultures)
-        out["accuracy_cued"][method] = subset_accuracy([correct[i] for i in cued], [label_rows[i] for i in cued], cultures)
+        out["accuracy"][method] = accuracy_summary([correct[i] for i in keep], [label_rows[i] for i in keep], cultures)
+        out["accuracy_cued"][method] = accuracy_summary([correct[i] for i in cued], [label_rows[i] for i in cued], cultures)
     gold = [cultures.index(r["culture"]) for r in rows]
     rows_c = [i for i, r in enumerate(rows) if r.get("norm") in conflicting]
     rows_cued = [i for i in rows_c if rows[i].get("cue", True)]
@@ -394,7 +443,7 @@ def run_demo(output_dir: str | Path = "runs/demo", seed: int = 0, quick: bool = 
     phase("synth", t)
 
     t = time.perf_counter()
-    print(f"[2/6 pretrain] tiny {config['model']['family']} on the bundled corpus -> {out / 'base'}", flush=True)
+    print(f"[2/6 pretrain] tiny {config.model.family} on the bundled corpus -> {out / 'base'}", flush=True)
     history = pretrain(config, out / "data", out / "base", cultures, seed, progress)
     (out / "base" / "pretrain_metrics.json").write_text(json.dumps(history) + "\n")
     plot_pretrain(history, out / "pretrain.png")
@@ -411,13 +460,12 @@ def run_demo(output_dir: str | Path = "runs/demo", seed: int = 0, quick: bool = 
     phase("shared", t)
 
     t = time.perf_counter()
-    print(f"[5/6 eval] held-out test split ({config['synth'].get('test_split', 'norms')} held out)", flush=True)
+    print(f"[5/6 eval] held-out test split ({config.synth.get('test_split', 'norms')} held out)", flush=True)
     model, tokenizer = load_moa(moa_dir)
     shared_model, _ = load_moa(shared_dir)
     rows = load_jsonl(out / "data" / "stage2_test.jsonl", cultures=cultures)
-    ev = config["eval"]
-    results = evaluate(model, tokenizer, rows, shared_model=shared_model, batch_size=ev["batch_size"],
-                       max_length=ev["max_length"], progress=progress)
+    results = evaluate(model, tokenizer, rows, shared_model=shared_model, batch_size=config.eval.batch_size,
+                       max_length=config.eval.max_length, progress=progress)
     routed = results["routed"]
     gold = [cultures.index(r["culture"]) for r in rows]
     cued = [i for i, r in enumerate(rows) if r.get("cue", True)]
@@ -428,8 +476,8 @@ def run_demo(output_dir: str | Path = "runs/demo", seed: int = 0, quick: bool = 
 
     t = time.perf_counter()
     print("[6/6 generate] one mixed-culture batch, each prompt routed by the router", flush=True)
-    prompts = generation_rows(rows, config["generate"]["cultures"])
-    generations = generate_rows(model, tokenizer, prompts, routing="prompt", max_new_tokens=config["generate"]["max_new_tokens"],
+    prompts = generation_rows(rows, config.generate.cultures)
+    generations = generate_rows(model, tokenizer, prompts, routing="prompt", max_new_tokens=config.generate.max_new_tokens,
                                 progress=progress)
     for g, p in zip(generations, prompts):
         g["reference"] = p["reference"]
@@ -508,7 +556,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     try:
         run_demo(args.output_dir, seed=args.seed, quick=args.quick, progress=not args.no_progress, config_path=args.config)
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
         print(f"moa demo: error: {err}", file=sys.stderr)
         return 2
     return 0

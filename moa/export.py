@@ -17,11 +17,11 @@ import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from moa import saved_run
 from moa.atomic import atomic_directory
 
-HELP = "export a run as PEFT adapters + router, or one culture merged into the base"
 FORMATS = ("peft", "merged")
 ROUTER_FILE = "router.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -51,33 +51,11 @@ def _adapter_dir_name(culture: str) -> str:
     return culture
 
 
-def _run_files(run_dir: Path) -> tuple:
-    """(MoAConfig, BaseModelConfig) of a saved run, read without building the model."""
-    from moa.base_model import BASE_MODEL_NAME, BaseModelConfig
-    from moa.config import MoAConfig
-    from moa.model import CONFIG_NAME, WEIGHTS_NAME
-
-    for name in (CONFIG_NAME, WEIGHTS_NAME, BASE_MODEL_NAME):
-        if not (run_dir / name).is_file():
-            raise FileNotFoundError(f"{run_dir / name} not found: {run_dir} is not a saved MoA run (expected "
-                                    f"{CONFIG_NAME}, {WEIGHTS_NAME} and {BASE_MODEL_NAME})")
-    config = MoAConfig.from_dict(json.loads((run_dir / CONFIG_NAME).read_text()), str(run_dir / CONFIG_NAME))
-    spec = BaseModelConfig.from_dict(json.loads((run_dir / BASE_MODEL_NAME).read_text()), str(run_dir / BASE_MODEL_NAME))
-    return config, spec
-
-
-def _check_culture(culture: str, cultures: list[str]) -> int:
-    if culture not in cultures:
-        raise ValueError(f"unknown culture {culture!r}: expected one of {cultures}")
-    return cultures.index(culture)
-
-
 def export_peft(run_dir: str | Path, out_dir: str | Path) -> dict:
     """Write every culture as a PEFT LoRA adapter, the router weights and a manifest; returns the manifest."""
     from moa.base_model import load_moa
 
-    run_dir = Path(run_dir)
-    config, spec = _run_files(run_dir)
+    config, spec = saved_run.read(run_dir)
     names = [_adapter_dir_name(c) for c in config.cultures]
     model, _ = load_moa(run_dir)
     router = {k: v.detach().cpu().contiguous() for k, v in model.adapter_state_dict().items() if k.startswith("routers.")}
@@ -89,7 +67,7 @@ def export_peft(run_dir: str | Path, out_dir: str | Path) -> dict:
         "base_model": spec.to_dict(),
         "moa_config": config.to_dict(),
     }
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, marker=MANIFEST_FILE) as tmp:
         for culture, name in zip(config.cultures, names):
             model.export_peft_adapter(culture, tmp / name)
         save_file(router, str(tmp / ROUTER_FILE), metadata={"format": "pt", "cultures": json.dumps(config.cultures)})
@@ -103,30 +81,28 @@ def export_merged(run_dir: str | Path, culture: str, out_dir: str | Path) -> Non
     from torch import nn
 
     from moa.base_model import load_base_model
-    from moa.model import WEIGHTS_NAME
 
-    run_dir = Path(run_dir)
-    config, spec = _run_files(run_dir)
-    slot = _check_culture(culture, config.cultures)
+    config, spec = saved_run.read(run_dir)
+    slot = config.culture_id(culture, base=False)
     if spec.quantization is not None:
         raise ValueError(f"--format merged needs an unquantized base, but {run_dir} has quantization "
                          f"{spec.quantization!r}: folding a LoRA into quantized weights would requantize them; "
                          f"export --format peft instead, or merge into the full-precision base")
     base, tokenizer = load_base_model(spec)
-    weights = load_file(str(run_dir / WEIGHTS_NAME))
+    weights = saved_run.read_weights(run_dir, config)
     for key in sorted(k for k in weights if k.endswith(".lora_A")):
         module_name = key[:-len(".lora_A")]
         try:
             linear = base.get_submodule(module_name)
         except AttributeError:
-            raise ValueError(f"{run_dir / WEIGHTS_NAME}: adapter for {module_name!r}, which the base model "
+            raise ValueError(f"{Path(run_dir) / saved_run.WEIGHTS_NAME}: adapter for {module_name!r}, which the base model "
                              f"{type(base).__name__} does not have") from None
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"{module_name} is a {type(linear).__name__}, expected torch.nn.Linear to merge into")
         a, b = weights[key][slot].float(), weights[f"{module_name}.lora_B"][slot].float()
         delta = config.scaling * (b @ a)
         linear.weight.copy_((linear.weight.float() + delta.to(linear.weight.device)).to(linear.weight.dtype))
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, marker="config.json") as tmp:
         base.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
 
@@ -151,18 +127,7 @@ def run(args) -> int:
                 raise ValueError(f"--culture {args.culture!r} applies to --format merged only; --format peft exports every culture")
             manifest = export_peft(args.model, args.output_dir)
             print(f"{len(manifest['cultures'])} PEFT adapters, {ROUTER_FILE} and {MANIFEST_FILE} -> {args.output_dir}")
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
         print(f"moa export: error: {e}", file=sys.stderr)
         return 2
     return 0
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="moa export", description=__doc__,
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

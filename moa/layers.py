@@ -4,8 +4,8 @@
 `multi_lora(x, lora_A, lora_B, plan)` to the base output. The parameters are stored transposed
 (`lora_A_T[K, d_in, r]`, `lora_B_T[K, r, d_out]`), so the matmuls `x A^T` and `h B^T` read
 contiguous operands; `lora_A`/`lora_B` are views in the contract's shapes and write through, the plan coming from the routing call
-in progress. Which wrapper a base layer gets is decided by small dispatch functions, as in PEFT;
-the bitsandbytes variants live in `moa.bnb`.
+in progress. Which wrapper a base layer gets is decided by small dispatch functions, as in PEFT
+(`moa.model.wrap_linear` tries them in turn); the bitsandbytes variants live in `moa.bnb`.
 """
 from __future__ import annotations
 
@@ -78,14 +78,3 @@ def dispatch_default(target: nn.Module, **kwargs) -> MoALinear | None:
     if isinstance(target, nn.Linear):
         return MoALinear(target, target.in_features, target.out_features, **kwargs)
     return None
-
-
-def wrap_linear(target: nn.Module, **kwargs) -> MoALinear:
-    """The MoA wrapper for `target`, chosen by the first dispatcher that accepts it."""
-    from moa.bnb import dispatch_bnb_4bit, dispatch_bnb_8bit
-
-    for dispatch in (dispatch_bnb_4bit, dispatch_bnb_8bit, dispatch_default):
-        wrapped = dispatch(target, **kwargs)
-        if wrapped is not None:
-            return wrapped
-    raise TypeError(f"cannot adapt module of type {type(target).__name__}: expected torch.nn.Linear or a bitsandbytes Linear4bit/Linear8bitLt")

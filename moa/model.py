@@ -1,24 +1,19 @@
 """`MoAForCausalLM`: every culture's LoRA inside one transformers causal LM, behind a token-level router."""
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils import ModelOutput
 
-from moa import compat
-from moa.atomic import atomic_directory
-from moa.config import ROUTING_MODES, MoAConfig
-from moa.layers import MoALinear, wrap_linear
+from moa import compat, peft_io, saved_run
+from moa.config import ROUTING_MODES, BaseModelConfig, MoAConfig
+from moa.bnb import dispatch_bnb_4bit, dispatch_bnb_8bit
+from moa.layers import MoALinear, dispatch_default
 from moa.routing import PlanCache, RoutingCall, TokenRouter, current_call, replay_routing_context, routing_call
-
-CONFIG_NAME = "moa_config.json"
-WEIGHTS_NAME = "moa_adapters.safetensors"
 
 
 @dataclass
@@ -71,6 +66,16 @@ class MoADecoderLayer(nn.Module):
             if name not in compat.LAYER_ATTRIBUTES:  # only what the base model reads off its layers
                 raise
             return getattr(self._modules["layer"], name)
+
+
+def wrap_linear(target: nn.Module, **kwargs) -> MoALinear:
+    """The MoA wrapper for `target`, chosen by the first dispatcher that accepts it."""
+    for dispatch in (dispatch_bnb_4bit, dispatch_bnb_8bit, dispatch_default):
+        wrapped = dispatch(target, **kwargs)
+        if wrapped is not None:
+            return wrapped
+    raise TypeError(f"cannot adapt module of type {type(target).__name__}: expected torch.nn.Linear or a "
+                    f"bitsandbytes Linear4bit/Linear8bitLt")
 
 
 def _matches(name: str, targets: list[str]) -> bool:
@@ -153,10 +158,7 @@ class MoAForCausalLM(nn.Module):
         if isinstance(cultures, torch.Tensor):
             if cultures.dtype.is_floating_point or cultures.dim() != 1:
                 raise ValueError(f"culture_ids must be an integer tensor of shape [B], got {cultures.dtype} {tuple(cultures.shape)}")
-            values = tuple(cultures.tolist())
-            bad = next((v for v in values if not -1 <= v < self.config.num_cultures), None)
-            if bad is not None:
-                raise ValueError(f"culture id {bad} out of range: expected -1 (base model) or 0..{self.config.num_cultures - 1}")
+            values = tuple(self.config.culture_id(c) for c in cultures.tolist())
             return cultures.to(self.device, torch.long), values
         values = tuple(self.config.culture_id(c) for c in cultures)
         return torch.tensor(values, dtype=torch.long, device=self.device), values
@@ -199,13 +201,16 @@ class MoAForCausalLM(nn.Module):
         with routing_call(call):
             out = self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
         router_loss = self.router_loss(call.router_logits, call.culture_ids, attention_mask)
-        lm_loss = out.loss
-        if lm_loss is not None and router_loss is not None:
-            loss = lm_loss + self.config.router_loss_weight * router_loss
-        else:
-            loss = lm_loss if lm_loss is not None else router_loss
-        return MoACausalLMOutput(loss=loss, lm_loss=lm_loss, router_loss=router_loss, logits=out.logits,
+        loss = self.joint_loss(out.loss, router_loss)
+        return MoACausalLMOutput(loss=loss, lm_loss=out.loss, router_loss=router_loss, logits=out.logits,
                                  router_logits=tuple(call.router_logits), cache=compat.output_cache(out))
+
+    def joint_loss(self, lm_loss, router_loss):
+        """The training objective lm_loss + router_loss_weight * router_loss; either alone when the other
+        is None, None when both are."""
+        if lm_loss is None or router_loss is None:
+            return lm_loss if lm_loss is not None else router_loss
+        return lm_loss + self.config.router_loss_weight * router_loss
 
     @staticmethod
     def router_loss(router_logits, culture_ids, attention_mask=None):
@@ -293,39 +298,25 @@ class MoAForCausalLM(nn.Module):
                 raise ValueError(f"{key}: shape {tuple(tensor.shape)} does not fit the model's {tuple(own[key].shape)}")
             own[key].copy_(tensor.to(own[key].device, own[key].dtype))
 
-    def save_pretrained(self, path: str | Path, base_spec=None):
-        """Write moa_config.json and moa_adapters.safetensors (adapters and routers only), atomically.
+    def save_pretrained(self, path: str | Path, base_spec: BaseModelConfig | None = None):
+        """Write a saved run (see moa.saved_run): the config and the adapters and routers, not the base, atomically.
 
-        `base_spec` (a `moa.base_model.BaseModelConfig`) is stored as base_model.json so that
-        `moa.base_model.load_moa(path)` can rebuild the whole model."""
-        state = {k: v.detach().to("cpu").contiguous() for k, v in self.adapter_state_dict().items()}
+        With `base_spec` it also holds base_model.json, so `moa.base_model.load_moa(path)` rebuilds the whole model."""
         base_name = getattr(getattr(self.base_model, "config", None), "_name_or_path", "")
-        with atomic_directory(path) as tmp:
-            save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "base_model": str(base_name)})
-            self.config.save(tmp / CONFIG_NAME)
-            if base_spec is not None:
-                from moa.base_model import save_base_spec
-
-                save_base_spec(base_spec, tmp)
+        saved_run.save(path, self.config, self.adapter_state_dict(), base_spec, str(base_name))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, base_model: nn.Module) -> "MoAForCausalLM":
-        path = Path(path)
-        for name in (CONFIG_NAME, WEIGHTS_NAME):
-            if not (path / name).is_file():
-                raise FileNotFoundError(f"{path / name} not found: {path} is not a MoA save directory")
-        model = cls.from_base(base_model, MoAConfig.from_dict(json.loads((path / CONFIG_NAME).read_text()), str(path / CONFIG_NAME)))
-        model.load_adapter_state_dict(load_file(str(path / WEIGHTS_NAME)))
+        """Wrap `base_model` (modified in place) with the adapters and routers of a saved run."""
+        config = saved_run.read_config(path)
+        model = cls.from_base(base_model, config)
+        model.load_adapter_state_dict(saved_run.read_weights(path, config))
         return model
 
     def load_peft_adapter(self, peft_dir: str | Path, culture: str | int):
         """Read a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) into one culture slot."""
-        from moa.peft_io import load_peft_adapter
-
-        load_peft_adapter(self, peft_dir, culture)
+        peft_io.load_peft_adapter(self, peft_dir, culture)
 
     def export_peft_adapter(self, culture: str | int, out_dir: str | Path):
         """Write one culture's adapter as a PEFT LoRA directory that `peft.PeftModel.from_pretrained` loads."""
-        from moa.peft_io import export_peft_adapter
-
-        export_peft_adapter(self, culture, out_dir)
+        peft_io.export_peft_adapter(self, culture, out_dir)

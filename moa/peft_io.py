@@ -28,9 +28,7 @@ def _peft_scaling(cfg: dict) -> float:
 @torch.no_grad()
 def load_peft_adapter(model, peft_dir, culture) -> None:
     peft_dir = Path(peft_dir)
-    slot = model.config.culture_id(culture)
-    if slot < 0:
-        raise ValueError(f"culture must name a slot, got {culture!r}")
+    slot = model.config.culture_id(culture, base=False)
     for name in (PEFT_CONFIG, PEFT_WEIGHTS):
         if not (peft_dir / name).is_file():
             raise FileNotFoundError(f"{peft_dir / name} not found: {peft_dir} is not a PEFT adapter directory")
@@ -74,9 +72,7 @@ def load_peft_adapter(model, peft_dir, culture) -> None:
 
 @torch.no_grad()
 def export_peft_adapter(model, culture, out_dir) -> None:
-    slot = model.config.culture_id(culture)
-    if slot < 0:
-        raise ValueError(f"culture must name a slot, got {culture!r}")
+    slot = model.config.culture_id(culture, base=False)
     cfg = model.config
     state = {}
     for module, layer in model.lora_layers.items():
@@ -98,6 +94,6 @@ def export_peft_adapter(model, culture, out_dir) -> None:
         "init_lora_weights": True,
         "use_dora": False,
     }
-    with atomic_directory(out_dir) as tmp:
+    with atomic_directory(out_dir, marker=PEFT_CONFIG) as tmp:
         save_file(state, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt", "culture": cfg.cultures[slot]})
         (tmp / PEFT_CONFIG).write_text(json.dumps(adapter_config, indent=2) + "\n")

@@ -34,10 +34,10 @@ def test_file_roundtrip_and_unknown_keys(tmp_path):
     cfg.save(tmp_path / "c.json")
     assert moa.MoAConfig.from_file(tmp_path / "c.json") == cfg
     (tmp_path / "c.yaml").write_text("cultures: [japan]\nrank: 8\n")
-    with pytest.raises(ValueError, match=r"c.yaml: unknown MoAConfig key\(s\) \['rank'\]"):
+    with pytest.raises(ValueError, match=r"c.yaml: unknown key\(s\) \['rank'\]; known keys: \['alpha', 'cultures', "):
         moa.MoAConfig.from_file(tmp_path / "c.yaml")
     (tmp_path / "d.json").write_text(json.dumps({"r": 4}))
-    with pytest.raises(ValueError, match="missing required key 'cultures'"):
+    with pytest.raises(ValueError, match=r"d.json: missing required key\(s\) \['cultures'\]"):
         moa.MoAConfig.from_file(tmp_path / "d.json")
 
 
@@ -50,3 +50,8 @@ def test_unknown_culture():
     cfg = moa.MoAConfig(cultures=["japan", "india"])
     with pytest.raises(ValueError, match="unknown culture 'france': expected one of"):
         cfg.culture_id("france")
+    assert [cfg.culture_id(c) for c in ("india", 1, -1)] == [1, 1, -1]
+    with pytest.raises(ValueError, match=r"culture id -1 out of range: expected 0..1 or a name of \['japan', 'india'\]"):
+        cfg.culture_id(-1, base=False)
+    with pytest.raises(ValueError, match=r"culture id 2 out of range: expected -1 \(base model\) or 0..1"):
+        cfg.culture_id(2)

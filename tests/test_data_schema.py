@@ -51,7 +51,7 @@ def test_every_bad_line_is_reported_with_file_and_line(tmp_path):
     with pytest.raises(DataError) as info:
         load_jsonl(path)
     err = info.value
-    assert isinstance(err, ValueError)
+    assert str(err).startswith(f"8 bad line(s) in {path}:\n  {path}:2: not valid JSON")
     assert sorted({line for _, line, _ in err.problems}) == [2, 3, 4, 5, 6, 7, 8, 9]
     message = str(err)
     for line, needle in [(2, "not valid JSON"), (3, "'atlantis'"), (4, "'poetry'"), (5, "'response'"),

@@ -1,4 +1,5 @@
 """Joint training of culture adapters and the token router on data where the culture is visible in the text."""
+import pytest
 import torch
 
 import moa
@@ -7,6 +8,7 @@ from moa.tiny import cue_batch, tiny_model
 K, SEQ = 4, 20
 
 
+@pytest.mark.slow  # training-heavy
 def test_joint_training_learns_routing():
     torch.manual_seed(0)
     model = moa.MoAForCausalLM.from_base(tiny_model(seed=1), moa.MoAConfig(cultures=[f"c{i}" for i in range(K)], r=4, alpha=8,

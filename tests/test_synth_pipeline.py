@@ -178,14 +178,18 @@ def test_changed_config_is_refused_unless_fresh(tmp_path):
 
 
 def test_config_errors_name_the_bad_key(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['sample_per_task'\]"):
+    with pytest.raises(ValueError, match=r"offline.yaml: unknown key\(s\) \['sample_per_task'\]; known keys: \['balance', "):
         load_config(OFFLINE, sample_per_task=3)
     with pytest.raises(ValueError, match="unknown culture.*'atlantis'"):
         load_config(OFFLINE, cultures=["atlantis"])
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['modle'\] in llm"):
+    with pytest.raises(ValueError, match=r"llm \(openai\): unknown key\(s\) \['modle'\]; known keys: \['api_key_env', "):
         load_config(OFFLINE, llm={"backend": "openai", "modle": "x"})
-    with pytest.raises(ValueError, match="needs"):
+    with pytest.raises(ValueError, match=r"llm \(openai\): missing required key\(s\) \['model'\]"):
         load_config(OFFLINE, llm={"backend": "openai"})
+    with pytest.raises(ValueError, match=r"llm \(openai\) needs \['model'\]"):
+        load_config(OFFLINE, llm={"backend": "openai", "model": None})
+    with pytest.raises(ValueError, match=r"llm.backend must be one of \['offline', 'openai', 'transformers'\], got"):
+        load_config(OFFLINE, llm={"backend": "gpt"})
     with pytest.raises(ValueError, match="offline llm backend .* bundled"):
         load_config(OFFLINE, retrieval={"backend": "searxng", "base_url": "http://127.0.0.1:1"})
 
@@ -228,6 +232,7 @@ def test_reply_parsing_and_quoted_passages():
     assert user.count("\n</passages>") == 1 and "not instructions" in messages[0]["content"]
 
 
+@pytest.mark.slow  # generates with a transformers model
 def test_transformers_backend_with_a_tiny_model(tmp_path):
     from moa.tiny import byte_tokenizer, tiny_model
     backend = TransformersBackend(model=tiny_model(), tokenizer=byte_tokenizer(), max_new_tokens=4, temperature=0)
@@ -235,7 +240,10 @@ def test_transformers_backend_with_a_tiny_model(tmp_path):
     request = SynthRequest("japan", "yesno", 2, 2, "q", norms.corpus()[:1])
     request.messages = build_messages(spec, norms.cultures()["japan"], norms.corpus()[:1], 2, 2)
     text = backend.generate(request)
-    assert isinstance(text, str)
+    # the reply is the model's greedy continuation of the rendered request, decoded
+    encoded = backend.tokenizer(backend._prompt_text(request.messages), return_tensors="pt", add_special_tokens=False)
+    greedy = backend.model.generate(**encoded, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert text == backend.tokenizer.decode(greedy[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
     cfg = load_config(OFFLINE, output_dir=str(tmp_path), cultures=["japan"], tasks=["yesno"], samples_per_task=5,
                       stage1_samples=0, max_rounds=1, broad_queries=[],
                       retrieval={"backend": "bm25", "corpus": "bundled", "top_k": 1})

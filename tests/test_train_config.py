@@ -7,7 +7,7 @@ import yaml
 
 from moa.training.config import TrainConfig
 from moa.training.data import StageData, micro_batches
-from moa.training.schedule import learning_rate
+from moa.training.schedule import learning_rate, warmup_decay
 from moa.training.trainer import deepspeed_config
 from moa.tiny import byte_tokenizer
 from train_helpers import ROOT, TINY, metrics, moa_train, tiny_config
@@ -22,7 +22,7 @@ def test_tiny_config_loads_with_paths_resolved():
 @pytest.mark.parametrize("changes, message", [
     ({"learning_rate": 1}, "unknown key(s) ['learning_rate']"),
     ({"batch": {"micro_size": 2}}, "batch: unknown key(s) ['micro_size']"),
-    ({"moa": {"rank": 4}}, "moa: unknown MoAConfig key(s) ['rank']"),
+    ({"moa": {"rank": 4}}, "moa: unknown key(s) ['rank']; known keys: ['alpha', 'cultures',"),
     ({"stages": {0: {"epochs": 1}}}, "stages[0]: unknown key(s) ['epochs']"),
     ({"stages": {1: {"lr": -1}}}, "lr must be a positive number, got -1"),
     ({"precision": "fp8"}, "precision must be one of"),
@@ -35,6 +35,7 @@ def test_bad_config_names_the_key(tmp_path, changes, message):
     assert message in str(err.value)
 
 
+@pytest.mark.slow  # a `moa train` subprocess
 def test_bad_data_line_fails_before_compute_with_file_and_line(tmp_path):
     rows = (ROOT / "data" / "tiny" / "stage1_train.jsonl").read_text().splitlines()
     bad = json.loads(rows[2])
@@ -50,6 +51,7 @@ def test_bad_data_line_fails_before_compute_with_file_and_line(tmp_path):
     assert not (tmp_path / "out").exists()  # nothing was trained or written
 
 
+@pytest.mark.slow  # a `moa train` subprocess
 def test_missing_data_file_and_deepspeed_conflict(tmp_path):
     result = moa_train(tiny_config(tmp_path, stages={1: {"validation": "nowhere.jsonl"}}), check=False)
     assert result.returncode == 2 and "nowhere.jsonl" in result.stderr
@@ -79,6 +81,11 @@ def test_schedule_warmup_then_cosine_per_stage():
     assert lrs[4] == pytest.approx(2e-3 / 3) and lrs[6] == pytest.approx(2e-3)
     assert lrs[-1] == pytest.approx(2e-4)
     assert all(a >= b for a, b in zip(lrs[6:], lrs[7:]))
+    # the warmup step climbs to the peak, then the linear decay reaches min_lr_ratio at the last step
+    assert [warmup_decay(1.0, s, 5, 1, 0.2, "linear") for s in range(5)] == pytest.approx([0.5, 1.0, 1 - 0.8 / 3, 1 - 1.6 / 3, 0.2])
+    assert [warmup_decay(1.0, s, 4, 0, 0.2, "constant") for s in range(4)] == [1.0] * 4
+    with pytest.raises(ValueError, match="schedule must be cosine, linear or constant, got 'step'"):
+        warmup_decay(1.0, 2, 4, 0, 0.2, "step")
 
 
 def test_global_batches_are_a_function_of_the_step_and_split_across_processes():
@@ -98,6 +105,7 @@ def test_global_batches_are_a_function_of_the_step_and_split_across_processes():
     assert ((batch["labels"] != -100) <= batch["attention_mask"].bool()).all()
 
 
+@pytest.mark.slow  # a `moa train` subprocess
 def test_qlora_nf4_run_trains_and_exports(tmp_path):
     config = tiny_config(tmp_path, model={"quantization": "nf4"}, stages={0: {"steps": 2}, 1: {"steps": 8, "lr": 1e-2}},
                          save_interval=100)

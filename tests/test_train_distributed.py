@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from moa.base_model import load_moa
 from train_helpers import ROOT, TINY, metrics, moa_train, tiny_config, torchrun_train
 
+pytestmark = pytest.mark.slow  # `moa train` and torchrun subprocesses
 STEPS = 6
 LOSS_TOL = 1e-5  # fp32; gradients are summed across processes in a different order
 WEIGHT_TOL = 1e-5

@@ -10,6 +10,7 @@ import pytest
 from moa.base_model import load_moa
 from train_helpers import ROOT, metrics, moa_train, run_env, tiny_config
 
+pytestmark = pytest.mark.slow  # `moa train` subprocesses
 STEPS = 10
 
 

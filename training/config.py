@@ -1,19 +1,18 @@
 """`TrainConfig`: one YAML file describing a training run. Validated before any compute.
 
-Sections: `model` (moa.base_model.BaseModelConfig), `moa` (moa.MoAConfig), `stages` (one entry
+Sections: `model` (moa.config.BaseModelConfig), `moa` (moa.MoAConfig), `stages` (one entry
 per adaptation stage: data, steps, learning rate), `optim`, `batch`, and run settings. Relative
 data, model and DeepSpeed paths are resolved against the config file's directory (output_dir
 against the working directory); unknown keys anywhere are refused.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
 
-from moa.base_model import BaseModelConfig
-from moa.config import MoAConfig, from_mapping
+from moa.config import BaseModelConfig, MoAConfig, from_mapping
 
 SAMPLING = ("uniform", "proportional")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -112,6 +111,13 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "Seed of data sampling and dropout."})
 
     def __post_init__(self):
+        self.model = from_mapping(BaseModelConfig, self.model, "model")
+        self.moa = from_mapping(MoAConfig, self.moa, "moa")
+        if not isinstance(self.stages, list):
+            raise ValueError(f"stages must be a list, got {self.stages!r}")
+        self.stages = [from_mapping(StageConfig, stage, f"stages[{i}]") for i, stage in enumerate(self.stages)]
+        self.optim = from_mapping(OptimConfig, self.optim, "optim")
+        self.batch = from_mapping(BatchConfig, self.batch, "batch")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not self.stages:
@@ -151,46 +157,24 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config", base_dir: str | Path = ".") -> "TrainConfig":
-        if not isinstance(data, dict):
-            raise ValueError(f"{source}: expected a mapping at the top level, got {type(data).__name__}")
-        data = dict(data)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{source}: unknown key(s) {unknown}; known keys: {sorted(known)}")
-        for key in ("model", "moa", "stages"):
-            if key not in data:
-                raise ValueError(f"{source}: missing required key {key!r}")
-        base_dir = Path(base_dir)
+        """A TrainConfig from a parsed YAML mapping; relative paths in it are resolved against `base_dir`."""
+        config = from_mapping(cls, data, source)
+        config._resolve_paths(Path(base_dir))
+        return config
 
+    def _resolve_paths(self, base_dir: Path) -> None:
         def resolve(p):
-            return p if p is None or Path(p).is_absolute() else str((base_dir / p).resolve())
+            return p if Path(p).is_absolute() else str((base_dir / p).resolve())
 
-        try:
-            model = dict(data["model"] or {})
-            if model.get("path"):
-                model["path"] = resolve(model["path"])
-            if model.get("tokenizer") not in (None, "byte"):
-                model["tokenizer"] = resolve(model["tokenizer"])
-            data["model"] = BaseModelConfig.from_dict(model, f"{source}: model")
-            data["moa"] = MoAConfig.from_dict(data["moa"], f"{source}: moa")
-            if not isinstance(data["stages"], list):
-                raise ValueError(f"stages must be a list, got {data['stages']!r}")
-            stages = []
-            for i, stage in enumerate(data["stages"]):
-                stage = from_mapping(StageConfig, stage, f"{source}: stages[{i}]")
-                stage.train = [resolve(p) for p in stage.train]
-                stage.validation = [resolve(p) for p in stage.validation]
-                stages.append(stage)
-            data["stages"] = stages
-            data["optim"] = from_mapping(OptimConfig, data.get("optim"), f"{source}: optim")
-            data["batch"] = from_mapping(BatchConfig, data.get("batch"), f"{source}: batch")
-            if data.get("deepspeed"):
-                data["deepspeed"] = resolve(data["deepspeed"])
-            return cls(**data)
-        except ValueError as err:
-            message = str(err)
-            raise ValueError(message if message.startswith(source) else f"{source}: {message}") from None
+        if self.model.path:
+            self.model.path = resolve(self.model.path)
+        if self.model.tokenizer not in (None, "byte"):
+            self.model.tokenizer = resolve(self.model.tokenizer)
+        for stage in self.stages:
+            stage.train = [resolve(p) for p in stage.train]
+            stage.validation = [resolve(p) for p in stage.validation]
+        if self.deepspeed:
+            self.deepspeed = resolve(self.deepspeed)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "TrainConfig":

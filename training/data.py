@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from moa.data import IGNORE_INDEX, encode_example, load_jsonl
+from moa.data.padding import pad, pad_batch
 
 
 class StageData:
@@ -54,15 +55,8 @@ class StageData:
         """
         indices = sorted(indices, key=lambda i: self.culture_ids[i])
         examples = [self.examples[i] for i in indices]
-        length = max(len(e["input_ids"]) for e in examples)
-        ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
-        labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
-        mask = torch.zeros((len(examples), length), dtype=torch.long)
-        for i, e in enumerate(examples):
-            n = len(e["input_ids"])
-            ids[i, :n] = torch.tensor(e["input_ids"])
-            labels[i, :n] = torch.tensor(e["labels"])
-            mask[i, :n] = 1
+        ids, mask = pad_batch([e["input_ids"] for e in examples], pad_id)
+        labels = pad([e["labels"] for e in examples], IGNORE_INDEX)
         return {"input_ids": ids, "attention_mask": mask, "labels": labels,
                 "culture_ids": torch.tensor(self.culture_ids[indices], dtype=torch.long),
                 "router_targets": torch.tensor(self.router_targets[indices], dtype=torch.long)}

@@ -1,9 +1,10 @@
-"""The joint objective and its per-culture statistics.
+"""The training loss of a micro-batch and its statistics, per culture.
 
-loss = lm_loss + router_loss_weight * router_loss, where lm_loss is the mean next-token
-cross-entropy over supervised tokens (labels != -100) and router_loss is
-`MoAForCausalLM.router_loss` (every attended token's gate against its row's culture, averaged
-over layers; rows whose prompt names no culture, `router_targets` -1, are left out of it). The statistics are sums, so processes and micro-batches add them up exactly.
+The loss is `MoAForCausalLM.joint_loss` (lm_loss + router_loss_weight * router_loss) of lm_loss,
+the mean next-token cross-entropy over supervised tokens (labels != -100), and router_loss,
+`MoAForCausalLM.router_loss` against the rows' `router_targets` (every attended token's gate
+against its row's culture, averaged over layers; rows whose prompt names no culture, -1, are left
+out). The statistics are sums, so processes and micro-batches add them up exactly.
 """
 from __future__ import annotations
 
@@ -16,8 +17,11 @@ from moa.model import MoAForCausalLM
 STAT_KEYS = ("loss_sum", "micro_batches", "lm_loss_sum", "router_loss_sum", "tokens", "routed_correct", "routed_tokens")
 
 
-def joint_loss(model: MoAForCausalLM, out, batch: dict, num_cultures: int):
-    """(loss tensor, stats) for one micro-batch; stats are detached sums (see STAT_KEYS and per-culture keys)."""
+def loss_and_stats(model: MoAForCausalLM, out, batch: dict, num_cultures: int):
+    """(loss tensor, stats) for one micro-batch; stats are detached sums (see STAT_KEYS and per-culture keys).
+
+    The loss is `model.joint_loss` of the LM loss (computed here per token, for the per-culture
+    statistics) and the router loss against the batch's router targets."""
     logits, labels, culture_ids = out.logits, batch["labels"], batch["culture_ids"]
     targets = batch.get("router_targets", culture_ids)
     shift_labels = labels[:, 1:]
@@ -27,7 +31,7 @@ def joint_loss(model: MoAForCausalLM, out, batch: dict, num_cultures: int):
     tokens = supervised.sum()
     lm_loss = token_loss.sum() / tokens.clamp(min=1)
     router_loss = model.router_loss(out.router_logits, targets, batch.get("attention_mask"))
-    loss = lm_loss if router_loss is None else lm_loss + model.config.router_loss_weight * router_loss
+    loss = model.joint_loss(lm_loss, router_loss)
 
     stats = torch.zeros(len(STAT_KEYS) + 2 * num_cultures, dtype=torch.float64)
     stats[0], stats[1] = float(loss.detach()), 1.0

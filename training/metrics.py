@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from moa.atomic import atomic_file
 
 
 class MetricsLog:
@@ -25,9 +26,8 @@ class MetricsLog:
     def truncate_after(self, step: int):
         """Keep only rows with step <= `step` (rows a killed run logged after its last checkpoint go)."""
         rows = self.rows() if self.path.exists() else []
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step))
-        os.replace(tmp, self.path)
+        with atomic_file(self.path) as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step))
 
     def rows(self) -> list[dict]:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]

@@ -10,21 +10,28 @@ import math
 from .config import TrainConfig
 
 
-def learning_rate(config: TrainConfig, step: int) -> float:
-    """The learning rate of global optimizer step `step` (0-based)."""
-    _, stage, local = config.stage_at(min(step, config.total_steps - 1))
-    if local < stage.warmup_steps:
-        return stage.lr * (local + 1) / (stage.warmup_steps + 1)
-    decay_steps = stage.steps - stage.warmup_steps
-    progress = (local - stage.warmup_steps) / max(decay_steps - 1, 1)
-    floor = config.optim.min_lr_ratio
-    if config.optim.schedule == "cosine":
-        factor = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-    elif config.optim.schedule == "linear":
-        factor = 1 - (1 - floor) * progress
-    else:
+def warmup_decay(peak: float, step: int, steps: int, warmup_steps: int, min_lr_ratio: float,
+                 schedule: str = "cosine") -> float:
+    """The learning rate of step `step` (0-based) of `steps`: a linear warmup over `warmup_steps` to
+    `peak`, then a cosine, linear or constant decay reaching `min_lr_ratio * peak` at the last step."""
+    if step < warmup_steps:
+        return peak * (step + 1) / (warmup_steps + 1)
+    progress = (step - warmup_steps) / max(steps - warmup_steps - 1, 1)
+    if schedule == "cosine":
+        factor = min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    elif schedule == "linear":
+        factor = 1 - (1 - min_lr_ratio) * progress
+    elif schedule == "constant":
         factor = 1.0
-    return stage.lr * factor
+    else:
+        raise ValueError(f"schedule must be cosine, linear or constant, got {schedule!r}")
+    return peak * factor
+
+
+def learning_rate(config: TrainConfig, step: int) -> float:
+    """The learning rate of global optimizer step `step` (0-based): `warmup_decay` within its stage."""
+    _, stage, local = config.stage_at(min(step, config.total_steps - 1))
+    return warmup_decay(stage.lr, local, stage.steps, stage.warmup_steps, config.optim.min_lr_ratio, config.optim.schedule)
 
 
 class StageSchedule:

@@ -26,14 +26,14 @@ from deepspeed.utils import set_z3_leaf_modules
 from tqdm import tqdm
 
 from moa.base_model import load_base_model, load_tokenizer
-from moa.data import IGNORE_INDEX
+from moa.data import IGNORE_INDEX, padding_id
 from moa.layers import MoALinear
 from moa.model import MoAForCausalLM
 from moa.routing import TokenRouter
 from .checkpoint import export_adapters, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import StageData, micro_batches
-from .losses import joint_loss, summarize
+from .losses import loss_and_stats, summarize
 from .metrics import MetricsLog, plot_metrics
 from .schedule import StageSchedule
 
@@ -134,7 +134,7 @@ class Trainer:
             self.stage_data.append(StageData(stage.train, tokenizer, cultures, config.batch.max_length, stage.tasks, shared))
             self.eval_data.append(StageData(stage.validation, tokenizer, cultures, config.batch.max_length, stage.tasks, shared)
                                   if stage.validation else None)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.pad_id = padding_id(tokenizer)
         model, _ = build_model(config, self.device)
         self.model_cultures = model.config.cultures
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -154,7 +154,7 @@ class Trainer:
         # in training the gates always run (autograd is on); without autograd passing the labels makes them run
         out = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                           culture_ids=batch["culture_ids"], labels=batch["labels"] if gates else None)
-        return joint_loss(self.engine.module, out, batch, len(self.model_cultures))
+        return loss_and_stats(self.engine.module, out, batch, len(self.model_cultures))
 
     def train_step(self, step: int) -> dict:
         config = self.config

@@ -7,10 +7,10 @@ exactly one label of the task's label set, so accuracy can be computed by scorin
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Iterator
+
+from moa.atomic import atomic_file
 
 # The ten bundled national cultures (keys of bundled/cultures.yaml, in this order).
 CULTURES = ["china", "india", "japan", "south_korea", "germany", "brazil", "nigeria", "egypt", "mexico",
@@ -130,15 +130,7 @@ def load_jsonl(path, cultures=None, tasks=None) -> list[dict]:
 
 
 def write_jsonl(path, rows) -> None:
-    """Write rows as JSONL under a temporary name, then rename into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write rows as JSONL, atomically."""
+    with atomic_file(path) as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -31,6 +31,15 @@ def _response_text(tokenizer, prompt: str, response: str, prompt_text: str) -> s
     return response
 
 
+def padding_id(tokenizer) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its eos token."""
+    for name in ("pad_token_id", "eos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if value is not None:
+            return value
+    raise ValueError(f"{type(tokenizer).__name__} has neither a pad nor an eos token to pad batches with")
+
+
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
     """Token ids of the formatted prompt (BOS first in the plain format when the tokenizer has one)."""
     ids = tokenizer(format_prompt(tokenizer, prompt), add_special_tokens=False)["input_ids"]

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from moa.atomic import atomic_file
 
 
 def _cell(value) -> str:
@@ -37,12 +38,6 @@ def format_markdown(results: dict) -> str:
     out += ["", "Confusion (rows: gold culture, columns: routed culture):", ""]
     out += _table(["gold \\ routed"] + cultures, [[c] + [str(v) for v in row] for c, row in zip(cultures, results["confusion"])])
     return "\n".join(out) + "\n"
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _pyplot():
@@ -139,8 +134,10 @@ def write_report(results: dict, output_dir) -> dict:
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": output_dir / "results.md", "json": output_dir / "results.json"}
-    _write_text(paths["markdown"], format_markdown(results))
-    _write_text(paths["json"], json.dumps(results, indent=1) + "\n")
+    with atomic_file(paths["markdown"]) as f:
+        f.write(format_markdown(results))
+    with atomic_file(paths["json"]) as f:
+        f.write(json.dumps(results, indent=1) + "\n")
     paths["confusion"] = plot_confusion(results, output_dir / "confusion.png")
     if results["accuracy"]:
         paths["accuracy"] = plot_accuracy(results, output_dir / "accuracy.png")

@@ -17,8 +17,9 @@ from __future__ import annotations
 import torch
 from tqdm import tqdm
 
-from moa.data import IGNORE_INDEX, LABELS, encode_example, encode_prompt
+from moa.data import IGNORE_INDEX, LABELS, encode_example, encode_prompt, padding_id
 from moa.data.norms import cultures as bundled_cultures
+from moa.data.padding import pad, pad_batch
 
 METHODS = ("base", "prompting", "shared_lora", "moa_oracle", "moa_router")
 SHARED_CULTURE = "shared"
@@ -35,18 +36,9 @@ def cultural_prompt(prompt: str, culture: str) -> str:
     return f"Answer as a person from {culture_name(culture)} would, by local norms.\n{prompt}"
 
 
-def _pad_id(tokenizer) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-
-def _pad(sequences: list[list[int]], value: int, device) -> torch.Tensor:
-    width = max(len(s) for s in sequences)
-    return torch.tensor([s + [value] * (width - len(s)) for s in sequences], dtype=torch.long, device=device)
-
-
 @torch.no_grad()
 def sequence_logprobs(model, examples: list[dict], culture_ids: list[int] | None, routing: str, batch_size: int,
-                      pad_id: int = 0, progress: bool = False, desc: str = "score") -> list[float]:
+                      pad_id: int, progress: bool = False, desc: str = "score") -> list[float]:
     """Sum of log-probs of the supervised tokens (labels != -100) of each example.
 
     examples: `{"input_ids", "labels"}` as from `encode_example`; culture_ids: one per example
@@ -55,9 +47,8 @@ def sequence_logprobs(model, examples: list[dict], culture_ids: list[int] | None
     scores = []
     for start in tqdm(range(0, len(examples), batch_size), desc=desc, unit="batch", disable=not progress):
         batch = examples[start:start + batch_size]
-        ids = _pad([e["input_ids"] for e in batch], pad_id, model.device)
-        labels = _pad([e["labels"] for e in batch], IGNORE_INDEX, model.device)
-        mask = _pad([[1] * len(e["input_ids"]) for e in batch], 0, model.device)
+        ids, mask = pad_batch([e["input_ids"] for e in batch], pad_id, device=model.device)
+        labels = pad([e["labels"] for e in batch], IGNORE_INDEX, device=model.device)
         cultures = None if culture_ids is None else torch.tensor(culture_ids[start:start + batch_size])
         logits = model(input_ids=ids, attention_mask=mask, culture_ids=cultures, routing=routing, use_cache=False).logits
         targets = labels[:, 1:]
@@ -84,7 +75,7 @@ def predict_labels(model, tokenizer, rows: list[dict], culture_ids: list[int] | 
             examples.append(encode_example(tokenizer, {"prompt": prompt, "response": label}, max_length))
             owners.append((i, label))
     pair_cultures = None if culture_ids is None else [culture_ids[i] for i, _ in owners]
-    flat = sequence_logprobs(model, examples, pair_cultures, routing, batch_size, _pad_id(tokenizer), progress, desc)
+    flat = sequence_logprobs(model, examples, pair_cultures, routing, batch_size, padding_id(tokenizer), progress, desc)
     scores = [{} for _ in rows]
     for (i, label), score in zip(owners, flat):
         scores[i][label] = score
@@ -99,12 +90,10 @@ def route_rows(model, tokenizer, rows: list[dict], batch_size: int, max_length: 
     Returns (culture id per row at its last prompt token, as `route_sequences` reads it,
     per-position argmax ids: a list per row over its prompt tokens).
     """
-    pad_id = _pad_id(tokenizer)
     sequence_ids, token_ids = [], []
     for start in tqdm(range(0, len(rows), batch_size), desc="route", unit="batch", disable=not progress):
         prompts = [encode_prompt(tokenizer, r["prompt"])[-max_length:] for r in rows[start:start + batch_size]]
-        ids = _pad(prompts, pad_id, model.device)
-        mask = _pad([[1] * len(p) for p in prompts], 0, model.device)
+        ids, mask = pad_batch(prompts, padding_id(tokenizer), device=model.device)
         choice = model.route_probs(ids, mask).argmax(-1).tolist()
         for p, row_choice in zip(prompts, choice):
             token_ids.append(row_choice[:len(p)])
@@ -116,7 +105,9 @@ def _share(hits: list[bool]) -> float | None:
     return sum(hits) / len(hits) if hits else None
 
 
-def _accuracy(correct: list[bool], rows: list[dict], cultures: list[str]) -> dict:
+def accuracy_summary(correct: list[bool], rows: list[dict], cultures: list[str]) -> dict:
+    """Accuracy of `correct` (one bool per row of `rows`) overall, per culture and per label task, with counts;
+    a culture or task with no row is left out."""
     by_culture = {c: [ok for ok, r in zip(correct, rows) if r["culture"] == c] for c in cultures}
     tasks = [t for t in LABELS if any(r["task"] == t for r in rows)]
     return {
@@ -180,7 +171,7 @@ def evaluate(model, tokenizer, rows: list[dict], shared_model=None, batch_size: 
         predicted, _ = predict_labels(scorer, tokenizer, label_rows, ids, routing, batch_size, max_length,
                                       prompting=prompting, progress=progress, desc=method)
         predictions[method] = predicted
-        accuracy[method] = _accuracy([p == g for p, g in zip(predicted, gold)], label_rows, cultures)
+        accuracy[method] = accuracy_summary([p == g for p, g in zip(predicted, gold)], label_rows, cultures)
 
     row_ids = [cultures.index(r["culture"]) for r in rows]
     confusion = [[0] * len(cultures) for _ in cultures]

@@ -10,12 +10,13 @@ import torch
 from tqdm import tqdm
 
 from moa.config import ROUTING_MODES
+from moa.data import DataError, encode_prompt, padding_id
+from moa.data.padding import pad_batch
+from moa.data.schema import json_lines
 
 # 'prompt': the router's pick for each prompt (its choice at the last prompt token) runs the whole
 # row, prompt and answer, as a server routes a request; the others are the model's own modes
 GENERATE_ROUTING = ("prompt",) + ROUTING_MODES
-from moa.data import DataError, encode_prompt
-from moa.data.schema import json_lines
 
 
 def row_problems(row, cultures: list[str], routing: str) -> list[str]:
@@ -48,17 +49,6 @@ def read_prompts(path, cultures: list[str], routing: str = "prompt") -> list[dic
     if not rows:
         raise DataError([(str(path), 0, "no prompt rows: expected one JSON object per line")])
     return rows
-
-
-def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """input_ids and attention_mask [B, longest], the shorter rows padded on the left."""
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-        mask[row, width - len(seq):] = 1
-    return ids.to(device), mask.to(device)
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
@@ -103,16 +93,14 @@ def generate_rows(model, tokenizer, rows: list[dict], routing: str = "prompt", b
     problems = [f"row {i}: {message}" for i, row in enumerate(rows) for message in row_problems(row, cultures, routing)]
     if problems:
         raise ValueError("bad prompt rows:\n  " + "\n  ".join(problems))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise ValueError(f"{type(tokenizer).__name__} has neither a pad nor an eos token to pad prompts with")
+    pad = padding_id(tokenizer)
     eos = _eos_ids(model, tokenizer)
     encoded = [encode_prompt(tokenizer, row["prompt"]) for row in rows]
     order = sorted(range(len(rows)), key=lambda i: -len(encoded[i]))
     batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
     results: list[dict | None] = [None] * len(rows)
     for batch in tqdm(batches, desc="generate", unit="batch", disable=not progress):
-        ids, mask = left_pad([encoded[i] for i in batch], pad, model.device)
+        ids, mask = pad_batch([encoded[i] for i in batch], pad, left=True, device=model.device)
         router_ids, confidence = model.route_sequences(ids, mask)
         culture_ids = None
         if routing == "oracle":

@@ -1,7 +1,8 @@
 """LLM backends for synthesis: an OpenAI-compatible HTTP API and a local transformers model.
 
 Every backend turns a SynthRequest into reply text (parsed by moa.synth.prompting.parse_reply).
-The offline backend lives in moa.synth.offline. API keys are read from the environment variable
+The offline backend lives in moa.synth.offline; moa.synth.pipeline.make_backend builds the
+backend a config names. API keys are read from the environment variable
 named in the config and appear in no message, cache key or output.
 """
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 
+from moa.data import padding_id
 from moa.synth.httpjson import HttpClient, HttpError
 from moa.synth.prompting import SynthRequest
 
@@ -125,7 +127,7 @@ class TransformersBackend(Backend):
         torch.manual_seed(request.seed + request.round)
         with torch.no_grad():
             out = self.model.generate(**encoded, max_new_tokens=self.max_new_tokens,
-                                      pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+                                      pad_token_id=padding_id(self.tokenizer),
                                       **sampling)
         return self.tokenizer.decode(out[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
 
@@ -139,15 +141,3 @@ class TransformersBackend(Backend):
         ref = self.model_ref if isinstance(self.model_ref, str) else type(self.model_ref).__name__
         return f"transformers:{ref}"
 
-
-def make_backend(cfg: dict, seed: int = 0) -> Backend:
-    """Build the backend named by cfg["backend"]: offline, openai or transformers."""
-    options = {k: v for k, v in cfg.items() if k != "backend"}
-    if cfg["backend"] == "offline":
-        from moa.synth.offline import OfflineBackend
-        return OfflineBackend(seed=seed, **options)
-    if cfg["backend"] == "openai":
-        return OpenAIBackend(**options)
-    if cfg["backend"] == "transformers":
-        return TransformersBackend(**options)
-    raise ValueError(f"unknown llm backend {cfg['backend']!r}: expected 'offline', 'openai' or 'transformers'")

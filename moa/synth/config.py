@@ -1,126 +1,164 @@
-"""Synthesis run configuration (configs/synth/*.yaml): every key is checked, unknown keys are errors."""
+"""Synthesis run configuration (configs/synth/*.yaml): `SynthConfig` with its `retrieval` and `llm`
+sections, one dataclass per backend, read through moa.config.from_mapping (unknown keys are errors)."""
 from __future__ import annotations
 
-import copy
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import yaml
 
+from moa.config import from_mapping
 from moa.data.schema import CULTURES, TASKS
+from moa.resources import CONFIGS
 from moa.synth.queries import BROAD_QUERIES
 
-DEFAULT_TASK_DIR = Path(__file__).resolve().parents[2] / "configs" / "tasks"
+DEFAULT_TASK_DIR = CONFIGS / "tasks"
 
 TEST_SPLITS = ("norms", "rows")
-TOP_LEVEL = {
-    "output_dir": "runs/synth",
-    "seed": 0,
-    "cultures": "all",
-    "tasks": list(TASKS),
-    "task_dir": None,                # relative to the config file; None = the repository's configs/tasks
-    "samples_per_task": 240,         # stage-2 samples per culture and task
-    "stage1_samples": 80,            # stage-1 (broad) samples per culture; 0 = none
-    "samples_per_call": 10,
-    "max_rounds": 5,                 # passes over the queries while a job is short of its target
-    "test_split": "norms",           # what the test split holds out: whole norms, or rows (unseen questions)
-    "test_fraction": 0.2,            # share of norms (or of stage-2 rows) held out as the test split
-    "validation_fraction": 0.1,      # share of the remaining rows (by phrasing) for validation
-    "balance": True,                 # cut every culture to the smallest culture's count per task
-    "broad_queries": list(BROAD_QUERIES),
-    "max_consecutive_errors": 5,     # failed LLM calls in a row before the run stops
-    "cache": True,
-    "plot": True,
-    "retrieval": {"backend": "bm25"},
-    "llm": {"backend": "offline"},
-}
-RETRIEVAL = {
-    "bm25": {"backend": "bm25", "corpus": "bundled", "top_k": 5, "k1": 1.5, "b": 0.75},
-    "searxng": {"backend": "searxng", "base_url": None, "top_k": 5, "timeout_s": 10.0, "max_retries": 3,
-                "requests_per_minute": 30, "language": "en"},
-}
-LLM = {
-    "offline": {"backend": "offline", "cue_free_share": 0.15},
-    "openai": {"backend": "openai", "model": None, "base_url": "https://api.openai.com/v1",
-               "api_key_env": "OPENAI_API_KEY", "temperature": 0.7, "max_tokens": 2048, "timeout_s": 60.0,
-               "max_retries": 5, "requests_per_minute": None, "json_mode": True},
-    "transformers": {"backend": "transformers", "model": None, "max_new_tokens": 1024, "temperature": 0.7,
-                     "device": "auto", "dtype": "auto", "trust_remote_code": False},
-}
+
+
+@dataclass
+class Bm25Config:
+    backend: str = field(metadata={"help": "'bm25': BM25 over a local corpus."})
+    corpus: str = field(default="bundled", metadata={"help": "'bundled' (the norms corpus) or a JSONL corpus file, "
+                                                             "relative to the config file."})
+    top_k: int = field(default=5, metadata={"help": "Passages retrieved per query."})
+    k1: float = field(default=1.5, metadata={"help": "BM25 term-frequency saturation."})
+    b: float = field(default=0.75, metadata={"help": "BM25 document-length normalisation."})
+
+
+@dataclass
+class SearxngConfig:
+    backend: str = field(metadata={"help": "'searxng': the JSON search API of a SearXNG instance."})
+    base_url: str = field(metadata={"help": "URL of the SearXNG instance."})
+    top_k: int = field(default=5, metadata={"help": "Passages retrieved per query."})
+    timeout_s: float = field(default=10.0, metadata={"help": "Timeout of one search request."})
+    max_retries: int = field(default=3, metadata={"help": "Retries of a failed search request."})
+    requests_per_minute: float | None = field(default=30, metadata={"help": "Rate limit (None: none)."})
+    language: str = field(default="en", metadata={"help": "Search language."})
+
+
+@dataclass
+class OfflineLLMConfig:
+    backend: str = field(metadata={"help": "'offline': samples written from the bundled norms table, no model."})
+    cue_free_share: float = field(default=0.15, metadata={"help": "Share of prompts that carry no cultural cue."})
+
+
+@dataclass
+class OpenAIConfig:
+    backend: str = field(metadata={"help": "'openai': an OpenAI-compatible chat completions API."})
+    model: str = field(metadata={"help": "Model name sent with every request."})
+    base_url: str = field(default="https://api.openai.com/v1", metadata={"help": "API base URL (vLLM, llama.cpp, Ollama, ...)."})
+    api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "Environment variable holding the API key."})
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature."})
+    max_tokens: int = field(default=2048, metadata={"help": "Tokens per reply at most."})
+    timeout_s: float = field(default=60.0, metadata={"help": "Timeout of one request."})
+    max_retries: int = field(default=5, metadata={"help": "Retries of a failed request (429 and 5xx)."})
+    requests_per_minute: float | None = field(default=None, metadata={"help": "Rate limit (None: none)."})
+    json_mode: bool = field(default=True, metadata={"help": "Ask for a JSON object reply (response_format)."})
+
+
+@dataclass
+class TransformersLLMConfig:
+    backend: str = field(metadata={"help": "'transformers': a local causal LM."})
+    model: str = field(metadata={"help": "Hub name or local path of the model."})
+    max_new_tokens: int = field(default=1024, metadata={"help": "Tokens per reply at most."})
+    temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (0: greedy)."})
+    device: str = field(default="auto", metadata={"help": "Torch device ('auto': cuda when available, else cpu)."})
+    dtype: str = field(default="auto", metadata={"help": "Model dtype passed to transformers."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Passed to transformers; off unless you set it."})
+
+
+RETRIEVAL = {"bm25": Bm25Config, "searxng": SearxngConfig}
+LLM = {"offline": OfflineLLMConfig, "openai": OpenAIConfig, "transformers": TransformersLLMConfig}
+
+
+def _section(raw, choices: dict, where: str):
+    """The backend dataclass `raw` (a mapping with a 'backend' key) describes."""
+    if isinstance(raw, tuple(choices.values())):
+        return raw
+    if not isinstance(raw, dict) or raw.get("backend") not in choices:
+        raise ValueError(f"{where}.backend must be one of {sorted(choices)}, got {raw!r}")
+    section = from_mapping(choices[raw["backend"]], raw, f"{where} ({raw['backend']})")
+    empty = [k for k in ("model", "base_url") if hasattr(section, k) and not getattr(section, k)]
+    if empty:
+        raise ValueError(f"{where} ({raw['backend']}) needs {empty}, got {raw!r}")
+    return section
 
 
 @dataclass
 class SynthConfig:
-    output_dir: Path
-    seed: int
-    cultures: list
-    tasks: list
-    task_dir: Path
-    samples_per_task: int
-    stage1_samples: int
-    samples_per_call: int
-    max_rounds: int
-    test_split: str
-    test_fraction: float
-    validation_fraction: float
-    balance: bool
-    broad_queries: list
-    max_consecutive_errors: int
-    cache: bool
-    plot: bool
-    retrieval: dict
-    llm: dict
+    output_dir: Path = field(default="runs/synth", metadata={"help": "Where the JSONL files, the summary and work/ "
+                                                                     "(finished jobs, the LLM call cache) are written."})
+    seed: int = field(default=0, metadata={"help": "Seed of the offline backend, the samplers and the splits."})
+    cultures: list = field(default="all", metadata={"help": "Cultures to synthesize for (bundled names), or 'all'."})
+    tasks: list = field(default_factory=lambda: list(TASKS), metadata={"help": "Stage-2 task formats."})
+    task_dir: Path | None = field(default=None, metadata={"help": "Directory of the task specs <task>.yaml, relative to "
+                                                                  "the config file; None: the bundled configs/tasks."})
+    samples_per_task: int = field(default=240, metadata={"help": "Stage-2 samples per culture and task."})
+    stage1_samples: int = field(default=80, metadata={"help": "Stage-1 (broad) samples per culture; 0 = none."})
+    samples_per_call: int = field(default=10, metadata={"help": "Samples asked of the LLM per call."})
+    max_rounds: int = field(default=5, metadata={"help": "Passes over the queries while a job is short of its target."})
+    test_split: str = field(default="norms", metadata={"help": "What the test split holds out: 'norms' (whole norms) "
+                                                               "or 'rows' (unseen questions)."})
+    test_fraction: float = field(default=0.2, metadata={"help": "Share of norms (or of stage-2 rows) held out as the test split."})
+    validation_fraction: float = field(default=0.1, metadata={"help": "Share of the remaining rows (by phrasing) for validation."})
+    balance: bool = field(default=True, metadata={"help": "Cut every culture to the smallest culture's count per task."})
+    broad_queries: list = field(default_factory=lambda: list(BROAD_QUERIES),
+                                metadata={"help": "Stage-1 query templates, each with a {culture} slot."})
+    max_consecutive_errors: int = field(default=5, metadata={"help": "Failed LLM calls in a row before the run stops."})
+    cache: bool = field(default=True, metadata={"help": "Cache the LLM calls (work/cache.sqlite), so a rerun resumes."})
+    plot: bool = field(default=True, metadata={"help": "Draw summary.png."})
+    retrieval: Bm25Config | SearxngConfig = field(default_factory=lambda: Bm25Config("bm25"),
+                                                  metadata={"help": "Retrieval backend: {backend: bm25, ...} or {backend: searxng, ...}."})
+    llm: OfflineLLMConfig | OpenAIConfig | TransformersLLMConfig = field(
+        default_factory=lambda: OfflineLLMConfig("offline"),
+        metadata={"help": "LLM backend: {backend: offline | openai | transformers, ...}."})
+
+    def __post_init__(self):
+        if self.cultures == "all":
+            self.cultures = list(CULTURES)
+        self.output_dir = Path(self.output_dir)
+        self.retrieval = _section(self.retrieval, RETRIEVAL, "retrieval")
+        self.llm = _section(self.llm, LLM, "llm")
+        for key in ("samples_per_task", "samples_per_call", "max_rounds", "max_consecutive_errors"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+        if not isinstance(self.stage1_samples, int) or self.stage1_samples < 0:
+            raise ValueError(f"stage1_samples must be an integer >= 0, got {self.stage1_samples!r}")
+        if self.test_split not in TEST_SPLITS:
+            raise ValueError(f"test_split must be one of {list(TEST_SPLITS)}, got {self.test_split!r}")
+        for key in ("test_fraction", "validation_fraction"):
+            if not 0 <= getattr(self, key) < 1:
+                raise ValueError(f"{key} must be within [0, 1), got {getattr(self, key)!r}")
+        if not isinstance(self.cultures, list):
+            raise ValueError(f"cultures must be 'all' or a list of culture names, got {self.cultures!r}")
+        unknown = [c for c in self.cultures if c not in CULTURES]
+        if unknown:
+            raise ValueError(f"unknown culture(s) {unknown}: expected some of {CULTURES}")
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown or not self.tasks:
+            raise ValueError(f"tasks must be a non-empty list from {TASKS}, got {self.tasks!r}")
+        if any("{culture}" not in q for q in self.broad_queries):
+            raise ValueError(f"every broad query needs a {{culture}} slot, got {self.broad_queries!r}")
+        if self.llm.backend == "offline" and not (self.retrieval.backend == "bm25" and self.retrieval.corpus == "bundled"):
+            raise ValueError("the offline llm backend writes samples from the bundled norms, so it needs "
+                             "retrieval: {backend: bm25, corpus: bundled}")
 
     def fingerprint(self) -> dict:
         """What the run's data depends on (not where it is written)."""
-        out = {k: v for k, v in vars(self).items() if k not in ("output_dir", "plot")}
+        out = {k: v for k, v in asdict(self).items() if k not in ("output_dir", "plot")}
         out["task_dir"] = str(self.task_dir)
         return out
 
 
-def _section(raw, choices: dict, where: str) -> dict:
-    if not isinstance(raw, dict) or raw.get("backend") not in choices:
-        raise ValueError(f"{where}.backend must be one of {sorted(choices)}, got {raw!r}")
-    defaults = choices[raw["backend"]]
-    unknown = sorted(set(raw) - set(defaults))
-    if unknown:
-        raise ValueError(f"unknown key(s) {unknown} in {where} ({raw['backend']}): expected {sorted(defaults)}")
-    merged = {**defaults, **raw}
-    missing = [k for k, v in merged.items() if v is None and k in ("model", "base_url")]
-    if missing:
-        raise ValueError(f"{where} ({raw['backend']}) needs {missing}")
-    return merged
-
-
-def _check(cfg: dict) -> None:
-    positive = ("samples_per_task", "samples_per_call", "max_rounds", "max_consecutive_errors")
-    for key in positive:
-        if not isinstance(cfg[key], int) or cfg[key] < 1:
-            raise ValueError(f"{key} must be a positive integer, got {cfg[key]!r}")
-    if not isinstance(cfg["stage1_samples"], int) or cfg["stage1_samples"] < 0:
-        raise ValueError(f"stage1_samples must be an integer >= 0, got {cfg['stage1_samples']!r}")
-    if cfg["test_split"] not in TEST_SPLITS:
-        raise ValueError(f"test_split must be one of {list(TEST_SPLITS)}, got {cfg['test_split']!r}")
-    for key in ("test_fraction", "validation_fraction"):
-        if not 0 <= cfg[key] < 1:
-            raise ValueError(f"{key} must be within [0, 1), got {cfg[key]!r}")
-    unknown = [c for c in cfg["cultures"] if c not in CULTURES]
-    if unknown:
-        raise ValueError(f"unknown culture(s) {unknown}: expected some of {CULTURES}")
-    unknown = [t for t in cfg["tasks"] if t not in TASKS]
-    if unknown or not cfg["tasks"]:
-        raise ValueError(f"tasks must be a non-empty list from {TASKS}, got {cfg['tasks']!r}")
-    if any("{culture}" not in q for q in cfg["broad_queries"]):
-        raise ValueError(f"every broad query needs a {{culture}} slot, got {cfg['broad_queries']!r}")
-    if cfg["llm"]["backend"] == "offline" and not (cfg["retrieval"]["backend"] == "bm25"
-                                                   and cfg["retrieval"]["corpus"] == "bundled"):
-        raise ValueError("the offline llm backend writes samples from the bundled norms, so it needs "
-                         "retrieval: {backend: bm25, corpus: bundled}")
-
-
 def load_config(path=None, **overrides) -> SynthConfig:
-    """Read a config file (None = all defaults) and apply overrides (None values are ignored)."""
-    raw, base = {}, Path.cwd()
+    """Read a config file (None = all defaults) and apply overrides (None values are ignored).
+
+    A relative task_dir or bm25 corpus is resolved against the config file's directory (the
+    working directory without a file)."""
+    raw, base, source = {}, Path.cwd(), "synth config"
     if path is not None:
         path = Path(path)
         if not path.is_file():
@@ -128,19 +166,10 @@ def load_config(path=None, **overrides) -> SynthConfig:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: expected a mapping of config keys")
-        base = path.parent
+        base, source = path.parent, str(path)
     raw.update({k: v for k, v in overrides.items() if v is not None})
-    unknown = sorted(set(raw) - set(TOP_LEVEL))
-    if unknown:
-        raise ValueError(f"unknown config key(s) {unknown}: expected {sorted(TOP_LEVEL)}")
-    cfg = {**copy.deepcopy(TOP_LEVEL), **raw}
-    if cfg["cultures"] == "all":
-        cfg["cultures"] = list(CULTURES)
-    cfg["retrieval"] = _section(cfg["retrieval"], RETRIEVAL, "retrieval")
-    cfg["llm"] = _section(cfg["llm"], LLM, "llm")
-    _check(cfg)
-    if cfg["retrieval"]["backend"] == "bm25" and cfg["retrieval"]["corpus"] != "bundled":
-        cfg["retrieval"]["corpus"] = str((base / cfg["retrieval"]["corpus"]).resolve())
-    cfg["task_dir"] = DEFAULT_TASK_DIR if cfg["task_dir"] is None else (base / cfg["task_dir"]).resolve()
-    cfg["output_dir"] = Path(cfg["output_dir"])
-    return SynthConfig(**cfg)
+    cfg = from_mapping(SynthConfig, raw, source)
+    if cfg.retrieval.backend == "bm25" and cfg.retrieval.corpus != "bundled":
+        cfg.retrieval.corpus = str((base / cfg.retrieval.corpus).resolve())
+    cfg.task_dir = DEFAULT_TASK_DIR if cfg.task_dir is None else (base / cfg.task_dir).resolve()
+    return cfg

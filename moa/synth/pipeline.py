@@ -15,21 +15,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
+from moa.atomic import atomic_file
 from moa.data import norms
 from moa.data.schema import CULTURES, TASKS, write_jsonl
-from moa.synth.backends import Backend, BackendError, make_backend
+from moa.synth.backends import Backend, BackendError, OpenAIBackend, TransformersBackend
 from moa.synth.cache import CallCache, cache_key
 from moa.synth.config import SynthConfig
+from moa.synth.offline import OfflineBackend
 from moa.synth.prompting import ReplyError, SynthRequest, build_messages, parse_reply
 from moa.synth.queries import make_queries
 from moa.synth.retrieval import Retriever, make_retriever
@@ -60,11 +60,20 @@ def _unit(*parts) -> float:
 
 
 def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    with atomic_file(path) as f:
         json.dump(obj, f, ensure_ascii=False, indent=1)
-    os.replace(tmp, path)
+
+
+def make_backend(llm, seed: int = 0) -> Backend:
+    """The LLM backend an `llm` config section (moa.synth.config) describes: offline, openai or transformers."""
+    options = {k: v for k, v in asdict(llm).items() if k != "backend"}
+    if llm.backend == "offline":
+        return OfflineBackend(seed=seed, **options)
+    if llm.backend == "openai":
+        return OpenAIBackend(**options)
+    if llm.backend == "transformers":
+        return TransformersBackend(**options)
+    raise ValueError(f"unknown llm backend {llm.backend!r}: expected 'offline', 'openai' or 'transformers'")
 
 
 class Caller:
@@ -106,7 +115,7 @@ def run_job(job: Job, spec, cfg: SynthConfig, retriever: Retriever, caller: Call
         for query in queries:
             if len(rows) >= job.target:
                 break
-            passages = retriever.search(query.text, job.culture, cfg.retrieval["top_k"])
+            passages = retriever.search(query.text, job.culture, cfg.retrieval.top_k)
             if not passages:
                 rejects["no_passages"] += 1
                 continue
@@ -296,7 +305,7 @@ def _summary(cfg, jobs, results, rows, files, short, cut, test_keys, held_out, c
     if held_out:
         totals["dropped_for_test_split"] += held_out
     splits = Counter(f"stage{r['stage']}_{r['split']}" for r in rows)
-    return {"output_dir": str(cfg.output_dir), "backend": cfg.llm["backend"], "retrieval": cfg.retrieval["backend"],
+    return {"output_dir": str(cfg.output_dir), "backend": cfg.llm.backend, "retrieval": cfg.retrieval.backend,
             "files": files, "counts": counts, "splits": dict(splits), "rejects": rejects,
             "rejects_total": dict(totals), "short_jobs": short, "test_norms": sorted(test_keys),
             "llm_calls": caller.calls, "jobs_resumed": resumed, "jobs": len(jobs)}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import urllib.parse
 from abc import ABC, abstractmethod
+from dataclasses import asdict
 
 from moa.data import norms
 from moa.data.schema import DataError, json_lines
@@ -107,14 +108,14 @@ class SearxngRetriever(Retriever):
         return {"retriever": self.name, "base_url": self.base_url, "language": self.language}
 
 
-def make_retriever(cfg: dict) -> Retriever:
-    """Build the retriever named by cfg["backend"] ("bm25" or "searxng") from its config section."""
-    options = {k: v for k, v in cfg.items() if k not in ("backend", "top_k")}
-    if cfg["backend"] == "bm25":
+def make_retriever(retrieval) -> Retriever:
+    """The retriever a `retrieval` config section (moa.synth.config) describes: bm25 or searxng."""
+    options = {k: v for k, v in asdict(retrieval).items() if k not in ("backend", "top_k")}
+    if retrieval.backend == "bm25":
         return LocalRetriever(**options)
-    if cfg["backend"] == "searxng":
+    if retrieval.backend == "searxng":
         return SearxngRetriever(**options)
-    raise ValueError(f"unknown retrieval backend {cfg['backend']!r}: expected 'bm25' or 'searxng'")
+    raise ValueError(f"unknown retrieval backend {retrieval.backend!r}: expected 'bm25' or 'searxng'")
 
 
 def recall_at_k(retriever: Retriever, labelled: list[dict], k: int = 5) -> float:

@@ -1,28 +1,26 @@
 """Task specifications (configs/tasks/<name>.yaml): instruction, answer format, labels, examples, queries."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from moa.config import from_mapping
 from moa.data.schema import LABELS, TASKS
-
-FIELDS = ("name", "description", "instruction", "answer_format", "labels", "max_prompt_bytes",
-          "max_response_bytes", "examples", "queries")
 
 
 @dataclass(frozen=True)
 class TaskSpec:
-    name: str
-    description: str
-    instruction: str
-    answer_format: str
-    labels: list | None
-    max_prompt_bytes: int
-    max_response_bytes: int
-    examples: list
-    queries: list
+    name: str = field(metadata={"help": "The task, one of moa.data.TASKS."})
+    description: str = field(metadata={"help": "What the task asks, in a sentence."})
+    instruction: str = field(metadata={"help": "How to write a sample, given to the LLM."})
+    answer_format: str = field(metadata={"help": "What the response must look like, given to the LLM."})
+    labels: list | None = field(metadata={"help": "The task's label set (moa.data.LABELS); null for free text."})
+    max_prompt_bytes: int = field(metadata={"help": "Longest prompt accepted, in UTF-8 bytes."})
+    max_response_bytes: int = field(metadata={"help": "Longest response accepted, in UTF-8 bytes."})
+    examples: list = field(metadata={"help": "Example samples ({prompt, response}) shown to the LLM."})
+    queries: list = field(metadata={"help": "Retrieval query templates, each with a {culture} slot."})
 
 
 def load_task(path) -> TaskSpec:
@@ -30,14 +28,7 @@ def load_task(path) -> TaskSpec:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"task spec {path} not found")
-    raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping of {list(FIELDS)}")
-    unknown = sorted(set(raw) - set(FIELDS))
-    missing = [f for f in FIELDS if f not in raw]
-    if unknown or missing:
-        raise ValueError(f"{path}: unknown keys {unknown}, missing keys {missing}; expected {list(FIELDS)}")
-    spec = TaskSpec(**raw)
+    spec = from_mapping(TaskSpec, yaml.safe_load(path.read_text(encoding="utf-8")), str(path))
     if spec.name not in TASKS:
         raise ValueError(f"{path}: unknown task {spec.name!r}: expected one of {TASKS}")
     if spec.labels != LABELS.get(spec.name):
