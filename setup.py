@@ -19,7 +19,7 @@ setup(
     # `.ci/latest` (the newest allowed); `constraints.txt` pins the set the whole suite passed on.
     install_requires=[
         "torch>=2.13,<2.14",  # older torch has no CPU-only wheel on PyPI to test with
-        "transformers>=4.57,<5.25",  # internals move between minor releases: moa/compat.py reads them
+        "transformers>=4.57.1,<5.25",  # 4.57.0 is yanked; internals move between minor releases: moa/compat.py reads them
         "peft>=0.17,<0.22",
         "bitsandbytes>=0.47,<0.51",  # 0.47: nf4 on CPU
         "deepspeed>=0.19,<0.20",  # 0.18.x: ZeRO-2 on 2 processes diverges from 1 process at step 2
