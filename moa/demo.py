@@ -28,7 +28,6 @@ import yaml
 from moa.config import from_mapping
 from moa.resources import CONFIGS
 
-HELP = "run the whole pipeline offline on a CPU: synth, pretrain, train MoA and shared LoRA, eval, generate"
 DEFAULT_CONFIG = CONFIGS / "demo" / "default.yaml"
 STAGE_DATA = ("stage1", "stage2")
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2: the pad and eos ids of moa.tiny.tiny_config
@@ -423,7 +422,7 @@ def run_demo(output_dir: str | Path = "runs/demo", seed: int = 0, quick: bool = 
 
     from moa.base_model import load_moa
     from moa.data import load_jsonl, write_jsonl
-    from moa.eval import evaluate, format_markdown, write_report
+    from moa.eval import evaluate, write_report
     from moa.infer.generate import generate_rows
 
     config = load_demo_config(config_path, quick)
@@ -494,10 +493,9 @@ def run_demo(output_dir: str | Path = "runs/demo", seed: int = 0, quick: bool = 
 
 def plot_pretrain(history: list[dict], path: Path) -> None:
     """The pre-training LM loss and culture-identification loss against the step."""
-    import matplotlib
+    from moa.plots import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     steps = [h["step"] for h in history]
@@ -507,9 +505,7 @@ def plot_pretrain(history: list[dict], path: Path) -> None:
     ax.set_xlabel("step")
     ax.set_title("pre-training on the bundled corpus")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)
 
 
 def print_summary(results: dict, generations: list[dict], paths: dict, out: Path) -> None:
@@ -560,14 +556,3 @@ def run(args) -> int:
         print(f"moa demo: error: {err}", file=sys.stderr)
         return 2
     return 0
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="moa demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -51,10 +51,9 @@ class MetricsLog:
 
 def plot_metrics(rows: list[dict], path: str | Path):
     """Loss, router loss, routing accuracy, per-culture LM loss and learning rate against the step."""
-    import matplotlib
+    from moa.plots import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     train = [r for r in rows if r.get("kind") == "train"]
     evals = [r for r in rows if r.get("kind") == "eval"]
@@ -89,6 +88,4 @@ def plot_metrics(rows: list[dict], path: str | Path):
     ax.set_title("learning rate")
     for ax in axes.flat:
         ax.set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save(fig, path)

@@ -266,10 +266,9 @@ def cases(args) -> list[tuple[str, dict]]:
 
 
 def plot(rows: list[dict], folder: Path) -> list[Path]:
-    import matplotlib
+    from moa.plots import pyplot, save
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     folder.mkdir(parents=True, exist_ok=True)
     written = []
@@ -292,11 +291,7 @@ def plot(rows: list[dict], folder: Path) -> list[Path]:
             ax.set_title(f"{mode}")
             ax.legend(fontsize=8)
         fig.suptitle(f"multi-LoRA kernels: {sweep} sweep")
-        fig.tight_layout()
-        path = folder / f"kernels_{sweep}.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(save(fig, folder / f"kernels_{sweep}.png", dpi=110))
     return written
 
 

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 from moa.atomic import atomic_file
+from moa.plots import pyplot, save
 
 
 def _cell(value) -> str:
@@ -40,16 +41,9 @@ def format_markdown(results: dict) -> str:
     return "\n".join(out) + "\n"
 
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
 def plot_confusion(results: dict, path) -> Path:
     """Heat map of sequence-level routing: gold culture rows x routed culture columns."""
-    plt = _pyplot()
+    plt = pyplot()
     cultures, grid = results["cultures"], results["confusion"]
     size = 0.6 * len(cultures) + 2.5
     fig, ax = plt.subplots(figsize=(size + 1, size))
@@ -64,16 +58,12 @@ def plot_confusion(results: dict, path) -> Path:
             ax.text(j, i, str(value), ha="center", va="center", fontsize=8, color="white" if value > top / 2 else "black")
     ax.set_title(f"routing confusion (accuracy {_cell(results['routing_accuracy'])})")
     fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def plot_accuracy(results: dict, path) -> Path:
     """Overall accuracy per method (left) and per culture, grouped by method (right)."""
-    plt = _pyplot()
+    plt = pyplot()
     accuracy = results["accuracy"]
     methods = list(accuracy)
     cultures = [c for c in results["cultures"] if any(c in a["per_culture"] for a in accuracy.values())]
@@ -97,16 +87,12 @@ def plot_accuracy(results: dict, path) -> Path:
     right.set_ylim(0, 1.05)
     right.set_title("per culture")
     right.legend(fontsize=8, loc="upper right")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def plot_routing_by_position(results: dict, path) -> Path:
     """Token-level routing accuracy at each prompt position, with how many rows reach that position."""
-    plt = _pyplot()
+    plt = pyplot()
     by_position = results["routing_by_position"]
     positions = range(len(by_position["count"]))
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -122,11 +108,7 @@ def plot_routing_by_position(results: dict, path) -> Path:
     ax.set_ylabel("routing accuracy")
     ax.set_title("token-level routing accuracy by prompt position")
     ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save(fig, path)
 
 
 def write_report(results: dict, output_dir) -> dict:

@@ -35,9 +35,9 @@ def format_table(summary: dict) -> str:
 
 def plot_counts(summary: dict, path) -> Path:
     """A culture x task heat map of the valid sample counts."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from moa.plots import pyplot, save
+
+    plt = pyplot()
     columns = _columns(summary)
     cultures = list(summary["counts"])
     grid = [[summary["counts"][c].get(col, 0) for col in columns] for c in cultures]
@@ -52,8 +52,4 @@ def plot_counts(summary: dict, path) -> Path:
                     color="white" if value > top / 2 else "black")
     ax.set_title("valid synthesized samples per culture and task")
     fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save(fig, path)
