@@ -14,7 +14,22 @@ from safetensors.torch import save_file
 
 from moa import saved_run
 from moa.config import BaseModelConfig
+from moa.errors import UsageError
 from moa.model import MoAForCausalLM
+
+
+def resolve_device(name: str | None) -> str:
+    """The torch device a `--device` value names (None: cuda when available, else cpu), refused when it is not here."""
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a torch device: expected e.g. cpu, cuda or cuda:1") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {name!r}, but {torch.cuda.device_count()} CUDA device(s) are available here: "
+                         f"expected --device cpu{' or cuda' if torch.cuda.is_available() else ''}")
+    return name
 
 
 def _quantization_config(spec: BaseModelConfig):
@@ -37,7 +52,7 @@ def load_tokenizer(spec: BaseModelConfig):
     from transformers import AutoTokenizer
 
     if not Path(name).is_dir():
-        raise ValueError(f"model.tokenizer {name!r} is neither 'byte' nor a local directory")
+        raise UsageError(f"model.tokenizer {name!r} is neither 'byte' nor a local directory")
     return AutoTokenizer.from_pretrained(name, local_files_only=True, trust_remote_code=spec.trust_remote_code)
 
 
@@ -48,7 +63,7 @@ def load_base_model(spec: BaseModelConfig, device: str | torch.device = "cpu"):
     from moa.tiny import tiny_model
 
     if spec.path is not None and not Path(spec.path).is_dir():
-        raise ValueError(f"model.path {spec.path!r} is not a local directory (nothing is downloaded)")
+        raise UsageError(f"model.path {spec.path!r} is not a local directory (nothing is downloaded)")
     if spec.tiny is not None and spec.quantization is None:
         model = tiny_model(seed=spec.seed, dtype=spec.torch_dtype, **spec.tiny).to(device)
         return model.eval(), load_tokenizer(spec)

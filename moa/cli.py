@@ -3,6 +3,10 @@
 Each verb lives in its own module, which has `add_arguments(parser)` and `run(args)`, or is a group
 of subcommands with a `COMMANDS` table of its own (`moa bench`). Only the module of the command being
 run is imported, so `moa --help` and every verb's `--help` load no more than that verb's arguments.
+
+Every verb reports the errors a user causes (moa.errors) as one line `error: ...` and exits 2;
+Ctrl-C exits 130 with one line (saying how to resume, for a verb with a `RESUME_HINT`); any other
+exception is a bug and prints its traceback.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ VERBS = {  # verb: (module, one-line help)
     "export": ("moa.export", "export a run as PEFT adapters + router, or one culture merged into the base"),
     "generate": ("moa.infer.cli", "generate for a JSONL file of prompts, every row routed to its own culture"),
     "synth": ("moa.synth.cli", "synthesize culture-labelled, task-format training data"),
+    "serve": ("moa.serve.cli", "serve a saved run over the OpenAI API: continuous batching of every culture, or a router front for vLLM"),
     "train": ("moa.training.cli", "train culture adapters and the router (DeepSpeed; two stages; resumable)"),
 }
 
@@ -54,8 +59,22 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def run_verb(module, args) -> int:
+    """`module.run(args)` with the errors a user causes reported as one line (exit 2, or 130 for Ctrl-C)."""
+    from moa.errors import USER_OS_ERRORS, UsageError
+
+    try:
+        return int(module.run(args) or 0)
+    except (UsageError, *USER_OS_ERRORS) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        hint = getattr(module, "RESUME_HINT", "")
+        print(f"error: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
+        return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(argv).parse_args(argv)
-    return int(importlib.import_module(args._module).run(args) or 0)
-
+    return run_verb(importlib.import_module(args._module), args)

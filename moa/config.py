@@ -13,6 +13,8 @@ from pathlib import Path
 
 import yaml
 
+from moa.errors import UsageError
+
 ROUTING_MODES = ("oracle", "router", "topk")
 
 
@@ -28,19 +30,19 @@ def from_mapping(cls, data, source: str):
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ValueError(f"{source}: expected a mapping, got {type(data).__name__} {data!r}")
+        raise UsageError(f"{source}: expected a mapping, got {type(data).__name__} {data!r}")
     known = [f.name for f in fields(cls)]
     unknown = sorted(set(data) - set(known))
     if unknown:
-        raise ValueError(f"{source}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        raise UsageError(f"{source}: unknown key(s) {unknown}; known keys: {sorted(known)}")
     missing = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING and f.name not in data]
     if missing:
-        raise ValueError(f"{source}: missing required key(s) {missing}")
+        raise UsageError(f"{source}: missing required key(s) {missing}")
     try:
         return cls(**data)
     except (TypeError, ValueError) as err:  # TypeError: a value of the wrong type met by a check
         message = str(err)
-        raise ValueError(message if message.startswith(source) else f"{source}: {message}") from None
+        raise UsageError(message if message.startswith(source) else f"{source}: {message}") from None
 
 
 TRAIN_ROUTING = ("gold", "router")
@@ -67,35 +69,35 @@ class MoAConfig:
 
     def __post_init__(self):
         if isinstance(self.cultures, str) or not isinstance(self.cultures, (list, tuple)):
-            raise ValueError(f"cultures must be a list of names, got {self.cultures!r}")
+            raise UsageError(f"cultures must be a list of names, got {self.cultures!r}")
         self.cultures = list(self.cultures)
         if not self.cultures:
-            raise ValueError("cultures must not be empty")
+            raise UsageError("cultures must not be empty")
         for name in self.cultures:
             if not isinstance(name, str) or not name.strip():
-                raise ValueError(f"every culture must be a non-empty string, got {name!r}")
+                raise UsageError(f"every culture must be a non-empty string, got {name!r}")
         dupes = sorted({c for c in self.cultures if self.cultures.count(c) > 1})
         if dupes:
-            raise ValueError(f"cultures must be unique, repeated: {dupes}")
+            raise UsageError(f"cultures must be unique, repeated: {dupes}")
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise ValueError(f"r must be a positive integer, got {self.r!r}")
+            raise UsageError(f"r must be a positive integer, got {self.r!r}")
         if not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
-            raise ValueError(f"alpha must be a positive number, got {self.alpha!r}")
+            raise UsageError(f"alpha must be a positive number, got {self.alpha!r}")
         if isinstance(self.target_modules, str):
             self.target_modules = [self.target_modules]
         self.target_modules = list(self.target_modules)
         if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
-            raise ValueError(f"target_modules must be a non-empty list of module names, got {self.target_modules!r}")
+            raise UsageError(f"target_modules must be a non-empty list of module names, got {self.target_modules!r}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+            raise UsageError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.router_loss_weight < 0:
-            raise ValueError(f"router_loss_weight must be >= 0, got {self.router_loss_weight!r}")
+            raise UsageError(f"router_loss_weight must be >= 0, got {self.router_loss_weight!r}")
         if self.train_routing not in TRAIN_ROUTING:
-            raise ValueError(f"train_routing must be one of {TRAIN_ROUTING}, got {self.train_routing!r}")
+            raise UsageError(f"train_routing must be one of {TRAIN_ROUTING}, got {self.train_routing!r}")
         if self.top_k is None:
             self.top_k = min(2, len(self.cultures))
         if not isinstance(self.top_k, int) or not 1 <= self.top_k <= len(self.cultures):
-            raise ValueError(f"top_k must be an integer in 1..{len(self.cultures)} (number of cultures), got {self.top_k!r}")
+            raise UsageError(f"top_k must be an integer in 1..{len(self.cultures)} (number of cultures), got {self.top_k!r}")
 
     @property
     def num_cultures(self) -> int:
@@ -110,12 +112,12 @@ class MoAConfig:
         adapter) is accepted only with `base`: without, the culture must name an adapter slot."""
         if isinstance(culture, str):
             if culture not in self.cultures:
-                raise ValueError(f"unknown culture {culture!r}: expected one of {self.cultures}")
+                raise UsageError(f"unknown culture {culture!r}: expected one of {self.cultures}")
             return self.cultures.index(culture)
         lowest = -1 if base else 0
         if not isinstance(culture, int) or isinstance(culture, bool) or not lowest <= culture < self.num_cultures:
             expected = "-1 (base model) or " if base else ""
-            raise ValueError(f"culture id {culture!r} out of range: expected {expected}0..{self.num_cultures - 1} "
+            raise UsageError(f"culture id {culture!r} out of range: expected {expected}0..{self.num_cultures - 1} "
                              f"or a name of {self.cultures}")
         return culture
 
@@ -135,7 +137,7 @@ class MoAConfig:
         return cls.from_dict(data, source=str(path))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")
 
 
 QUANTIZATIONS = (None, "nf4", "fp4", "int8")
@@ -156,14 +158,14 @@ class BaseModelConfig:
 
     def __post_init__(self):
         if (self.path is None) == (self.tiny is None):
-            raise ValueError(f"model: give exactly one of 'path' (a local model directory) or 'tiny' (a tiny config), "
+            raise UsageError(f"model: give exactly one of 'path' (a local model directory) or 'tiny' (a tiny config), "
                              f"got path={self.path!r}, tiny={self.tiny!r}")
         if self.tiny is not None and not isinstance(self.tiny, dict):
-            raise ValueError(f"model.tiny must be a mapping of tiny_config arguments, got {self.tiny!r}")
+            raise UsageError(f"model.tiny must be a mapping of tiny_config arguments, got {self.tiny!r}")
         if self.quantization not in QUANTIZATIONS:
-            raise ValueError(f"model.quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+            raise UsageError(f"model.quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+            raise UsageError(f"model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
 
     @property
     def torch_dtype(self):

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 import yaml
 
 from moa.config import from_mapping
+from moa.errors import UsageError
 from moa.resources import CONFIGS
 
 DEFAULT_CONFIG = CONFIGS / "demo" / "default.yaml"
@@ -76,10 +76,10 @@ class TrainSection:
 
     def __post_init__(self):
         if not isinstance(self.stages, list):
-            raise ValueError(f"train.stages must be a list, got {self.stages!r}")
+            raise UsageError(f"train.stages must be a list, got {self.stages!r}")
         for i, stage in enumerate(self.stages):
             if not isinstance(stage, dict) or stage.get("data", STAGE_DATA[min(i, 1)]) not in STAGE_DATA:
-                raise ValueError(f"train.stages[{i}].data must be one of {STAGE_DATA}, got {stage!r}")
+                raise UsageError(f"train.stages[{i}].data must be one of {STAGE_DATA}, got {stage!r}")
 
 
 @dataclass
@@ -108,10 +108,10 @@ class DemoConfig:
 
     def __post_init__(self):
         if not isinstance(self.synth, dict):
-            raise ValueError(f"synth must be a mapping of moa.synth.config keys, got {self.synth!r}")
+            raise UsageError(f"synth must be a mapping of moa.synth.config keys, got {self.synth!r}")
         self.quick = {} if self.quick is None else self.quick
         if not isinstance(self.quick, dict):
-            raise ValueError(f"quick must be a mapping of sections to override, got {self.quick!r}")
+            raise UsageError(f"quick must be a mapping of sections to override, got {self.quick!r}")
         self.tokenizer = from_mapping(TokenizerSection, self.tokenizer, "tokenizer")
         self.model = from_mapping(ModelSection, self.model, "model")
         self.pretrain = from_mapping(PretrainSection, self.pretrain, "pretrain")
@@ -160,7 +160,7 @@ def build_tokenizer(texts: list[str], vocab_size: int):
     from transformers import PreTrainedTokenizerFast
 
     if not isinstance(vocab_size, int) or vocab_size < 300:
-        raise ValueError(f"tokenizer.vocab_size must be an integer >= 300 (256 bytes + specials + merges), got {vocab_size!r}")
+        raise UsageError(f"tokenizer.vocab_size must be an integer >= 300 (256 bytes + specials + merges), got {vocab_size!r}")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -444,7 +444,7 @@ def run_demo(output_dir: str | Path = "runs/demo", seed: int = 0, quick: bool = 
     t = time.perf_counter()
     print(f"[2/6 pretrain] tiny {config.model.family} on the bundled corpus -> {out / 'base'}", flush=True)
     history = pretrain(config, out / "data", out / "base", cultures, seed, progress)
-    (out / "base" / "pretrain_metrics.json").write_text(json.dumps(history) + "\n")
+    (out / "base" / "pretrain_metrics.json").write_text(json.dumps(history, allow_nan=False) + "\n")
     plot_pretrain(history, out / "pretrain.png")
     phase("pretrain", t)
 
@@ -542,7 +542,9 @@ def print_summary(results: dict, generations: list[dict], paths: dict, out: Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output-dir", default="runs/demo", help="where every phase writes (replaced phase by phase)")
+    parser.add_argument("--output-dir", default="runs/demo", help="where every phase writes (replaced phase by phase): "
+                                                                  "a new or empty directory or an earlier demo's")
+    parser.add_argument("--overwrite", action="store_true", help="write into an --output-dir that holds other files")
     parser.add_argument("--seed", type=int, default=0, help="seed of synthesis, initialisation and training")
     parser.add_argument("--quick", action="store_true", help="a small version (about 2 minutes; no quality targets)")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="demo config YAML")
@@ -550,9 +552,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    try:
-        run_demo(args.output_dir, seed=args.seed, quick=args.quick, progress=not args.no_progress, config_path=args.config)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as err:
-        print(f"moa demo: error: {err}", file=sys.stderr)
-        return 2
+    from moa.atomic import check_output_dir
+
+    check_output_dir(args.output_dir, "data/work/state.json", inputs=[args.config], overwrite=args.overwrite,
+                     replace=False)
+    run_demo(args.output_dir, seed=args.seed, quick=args.quick, progress=not args.no_progress, config_path=args.config)
     return 0

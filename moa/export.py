@@ -7,24 +7,29 @@ OUT/manifest.json (cultures in id order with their adapter directories, the base
 MoA config and how to apply the router). moa export --model RUN_DIR --format merged --culture NAME
 --output-dir OUT writes one transformers model directory with that culture's LoRA folded into the
 base weights (W + scaling * B @ A), loadable by `AutoModelForCausalLM.from_pretrained(OUT)`; the base
-must not be quantized. Every export is built under a temporary name and renamed into place.
+must not be quantized. moa export --model RUN_DIR --format vllm --output-dir OUT writes the peft export
+plus OUT/vllm_serve.sh, the `vllm serve BASE --enable-lora --lora-modules <culture>=OUT/<culture> ...`
+command that serves every culture under its name (printed too); a base built from a config is
+written to OUT/base for it. Every export is built under a temporary name and renamed into place.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
 from moa import saved_run
-from moa.atomic import atomic_directory
+from moa.atomic import atomic_directory, atomic_file, check_output_dir
+from moa.errors import UsageError
 
-FORMATS = ("peft", "merged")
+FORMATS = ("peft", "merged", "vllm")
 ROUTER_FILE = "router.safetensors"
 MANIFEST_FILE = "manifest.json"
+VLLM_SCRIPT = "vllm_serve.sh"
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
 
 ROUTER_HOW_TO_APPLY = {
     "gate": "Per decoder layer l (in order, routers.<l>): let x_t be the hidden state entering the first decoder layer "
@@ -46,15 +51,16 @@ ROUTER_HOW_TO_APPLY = {
 
 def _adapter_dir_name(culture: str) -> str:
     if Path(culture).name != culture or culture in (".", "..", ROUTER_FILE, MANIFEST_FILE) or culture.startswith("."):
-        raise ValueError(f"culture {culture!r} cannot name an adapter directory: expected a plain file name "
+        raise UsageError(f"culture {culture!r} cannot name an adapter directory: expected a plain file name "
                          f"other than {ROUTER_FILE!r} and {MANIFEST_FILE!r}")
     return culture
 
 
-def export_peft(run_dir: str | Path, out_dir: str | Path) -> dict:
+def export_peft(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> dict:
     """Write every culture as a PEFT LoRA adapter, the router weights and a manifest; returns the manifest."""
     from moa.base_model import load_moa
 
+    check_output_dir(out_dir, MANIFEST_FILE, inputs=[run_dir], overwrite=overwrite)
     config, spec = saved_run.read(run_dir)
     names = [_adapter_dir_name(c) for c in config.cultures]
     model, _ = load_moa(run_dir)
@@ -67,25 +73,26 @@ def export_peft(run_dir: str | Path, out_dir: str | Path) -> dict:
         "base_model": spec.to_dict(),
         "moa_config": config.to_dict(),
     }
-    with atomic_directory(out_dir, marker=MANIFEST_FILE) as tmp:
+    with atomic_directory(out_dir, marker=MANIFEST_FILE, overwrite=overwrite) as tmp:
         for culture, name in zip(config.cultures, names):
             model.export_peft_adapter(culture, tmp / name)
-        save_file(router, str(tmp / ROUTER_FILE), metadata={"format": "pt", "cultures": json.dumps(config.cultures)})
-        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        save_file(router, str(tmp / ROUTER_FILE), metadata={"format": "pt", "cultures": json.dumps(config.cultures, allow_nan=False)})
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
     return manifest
 
 
 @torch.no_grad()
-def export_merged(run_dir: str | Path, culture: str, out_dir: str | Path) -> None:
+def export_merged(run_dir: str | Path, culture: str, out_dir: str | Path, overwrite: bool = False) -> None:
     """Write the base model with one culture's LoRA folded in (W + scaling * B @ A) as a transformers directory."""
     from torch import nn
 
     from moa.base_model import load_base_model
 
+    check_output_dir(out_dir, "config.json", inputs=[run_dir], overwrite=overwrite)
     config, spec = saved_run.read(run_dir)
     slot = config.culture_id(culture, base=False)
     if spec.quantization is not None:
-        raise ValueError(f"--format merged needs an unquantized base, but {run_dir} has quantization "
+        raise UsageError(f"--format merged needs an unquantized base, but {run_dir} has quantization "
                          f"{spec.quantization!r}: folding a LoRA into quantized weights would requantize them; "
                          f"export --format peft instead, or merge into the full-precision base")
     base, tokenizer = load_base_model(spec)
@@ -95,39 +102,87 @@ def export_merged(run_dir: str | Path, culture: str, out_dir: str | Path) -> Non
         try:
             linear = base.get_submodule(module_name)
         except AttributeError:
-            raise ValueError(f"{Path(run_dir) / saved_run.WEIGHTS_NAME}: adapter for {module_name!r}, which the base model "
+            raise UsageError(f"{Path(run_dir) / saved_run.WEIGHTS_NAME}: adapter for {module_name!r}, which the base model "
                              f"{type(base).__name__} does not have") from None
         if not isinstance(linear, nn.Linear):
-            raise ValueError(f"{module_name} is a {type(linear).__name__}, expected torch.nn.Linear to merge into")
+            raise UsageError(f"{module_name} is a {type(linear).__name__}, expected torch.nn.Linear to merge into")
         a, b = weights[key][slot].float(), weights[f"{module_name}.lora_B"][slot].float()
         delta = config.scaling * (b @ a)
         linear.weight.copy_((linear.weight.float() + delta.to(linear.weight.device)).to(linear.weight.dtype))
-    with atomic_directory(out_dir, marker="config.json") as tmp:
+    with atomic_directory(out_dir, marker="config.json", overwrite=overwrite) as tmp:
         base.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+
+
+def vllm_command(base: str, adapters: dict[str, Path], rank: int, options: tuple[str, ...] = ()) -> str:
+    """The `vllm serve` command line serving `base` (as model `base`, with `options`) and each adapter under its culture's name."""
+    import shlex
+
+    max_rank = next((r for r in VLLM_LORA_RANKS if r >= rank), None)
+    if max_rank is None:
+        raise UsageError(f"LoRA rank {rank} is above vLLM's largest --max-lora-rank {VLLM_LORA_RANKS[-1]}")
+    modules = " ".join(shlex.quote(f"{name}={path}") for name, path in adapters.items())
+    return (f"vllm serve {shlex.quote(base)} --served-model-name base {' '.join(map(shlex.quote, options))}"
+            f"{' ' if options else ''}--enable-lora --lora-modules {modules} --max-lora-rank {max_rank} --max-loras {len(adapters)}")
+
+
+def _vllm_options(spec) -> tuple[str, ...]:
+    """vLLM options for a base spec: its own tokenizer directory, remote code, 4-bit bitsandbytes quantization."""
+    options = []
+    if spec.path is not None and spec.tokenizer not in (None, "byte", spec.path):
+        options += ["--tokenizer", str(Path(spec.tokenizer).resolve())]
+    if spec.trust_remote_code:
+        options.append("--trust-remote-code")
+    if spec.quantization in ("nf4", "fp4"):  # vLLM quantizes the full-precision base to 4 bits as it loads it
+        options += ["--quantization", "bitsandbytes"]
+    return tuple(options)
+
+
+def export_vllm(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> str:
+    """The peft export plus OUT/vllm_serve.sh (and OUT/base for a base built from a config); returns the command."""
+    from moa.base_model import load_base_model
+
+    manifest = export_peft(run_dir, out_dir, overwrite)
+    out_dir = Path(out_dir).resolve()
+    config, spec = saved_run.read(run_dir)
+    base = spec.path
+    if base is None:  # a tiny base from a config: vLLM loads models from directories only
+        model, tokenizer = load_base_model(spec)
+        base = str(out_dir / "base")
+        with atomic_directory(base, marker="config.json") as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+    command = vllm_command(str(Path(base).resolve()), {c["name"]: out_dir / c["adapter_dir"] for c in manifest["cultures"]},
+                           config.r, _vllm_options(spec))
+    with atomic_file(out_dir / VLLM_SCRIPT) as f:
+        f.write(f"#!/bin/sh\n# serve every culture of {Path(run_dir).resolve()} as a vLLM LoRA module\nexec {command} \"$@\"\n")
+    (out_dir / VLLM_SCRIPT).chmod(0o755)
+    return command
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="saved MoA run directory (moa_config.json, moa_adapters.safetensors, base_model.json)")
     parser.add_argument("--format", required=True, choices=FORMATS,
-                        help="'peft': every culture as a PEFT adapter + router + manifest; 'merged': one culture folded into the base")
+                        help="'peft': every culture as a PEFT adapter + router + manifest; 'merged': one culture folded into the base; "
+                             "'vllm': the peft export plus the `vllm serve` command serving every culture (vllm_serve.sh)")
     parser.add_argument("--culture", help="the culture to merge (--format merged only)")
-    parser.add_argument("--output-dir", required=True, help="directory to write (replaced atomically)")
+    parser.add_argument("--output-dir", required=True, help="directory to write (atomically): new, empty or an earlier "
+                                                            "export of the same format; never the run's own directory")
+    parser.add_argument("--overwrite", action="store_true", help="replace an --output-dir that holds anything else")
 
 
 def run(args) -> int:
-    try:
-        if args.format == "merged":
-            if args.culture is None:
-                raise ValueError("--format merged needs --culture NAME (the culture whose adapter is folded into the base)")
-            export_merged(args.model, args.culture, args.output_dir)
-            print(f"merged culture {args.culture!r} into the base -> {args.output_dir}")
-        else:
-            if args.culture is not None:
-                raise ValueError(f"--culture {args.culture!r} applies to --format merged only; --format peft exports every culture")
-            manifest = export_peft(args.model, args.output_dir)
-            print(f"{len(manifest['cultures'])} PEFT adapters, {ROUTER_FILE} and {MANIFEST_FILE} -> {args.output_dir}")
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"moa export: error: {e}", file=sys.stderr)
-        return 2
+    if args.format == "merged":
+        if args.culture is None:
+            raise UsageError("--format merged needs --culture NAME (the culture whose adapter is folded into the base)")
+        export_merged(args.model, args.culture, args.output_dir, args.overwrite)
+        print(f"merged culture {args.culture!r} into the base -> {args.output_dir}")
+    elif args.culture is not None:
+        raise UsageError(f"--culture {args.culture!r} applies to --format merged only; --format {args.format} exports every culture")
+    elif args.format == "vllm":
+        command = export_vllm(args.model, args.output_dir, args.overwrite)
+        print(f"PEFT adapters and {VLLM_SCRIPT} -> {args.output_dir}\n{command}")
+    else:
+        manifest = export_peft(args.model, args.output_dir, args.overwrite)
+        print(f"{len(manifest['cultures'])} PEFT adapters, {ROUTER_FILE} and {MANIFEST_FILE} -> {args.output_dir}")
     return 0

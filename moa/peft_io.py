@@ -11,9 +11,11 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from moa.atomic import atomic_directory
+from moa.errors import UsageError
 
 PEFT_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -44,7 +46,11 @@ def load_peft_adapter(model, peft_dir, culture) -> None:
         raise ValueError(f"{peft_dir}: DoRA adapters are not supported")
     factor = _peft_scaling(cfg) / model.config.scaling
     pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in load_file(str(peft_dir / PEFT_WEIGHTS)).items():
+    try:
+        tensors = load_file(str(peft_dir / PEFT_WEIGHTS))
+    except SafetensorError as err:
+        raise UsageError(f"{peft_dir / PEFT_WEIGHTS}: not a readable safetensors file ({err})") from None
+    for key, tensor in tensors.items():
         match = _KEY.match(key)
         if match is None:
             raise ValueError(f"{peft_dir / PEFT_WEIGHTS}: unexpected tensor {key!r} (only LoRA A/B weights are supported)")
@@ -96,4 +102,4 @@ def export_peft_adapter(model, culture, out_dir) -> None:
     }
     with atomic_directory(out_dir, marker=PEFT_CONFIG) as tmp:
         save_file(state, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt", "culture": cfg.cultures[slot]})
-        (tmp / PEFT_CONFIG).write_text(json.dumps(adapter_config, indent=2) + "\n")
+        (tmp / PEFT_CONFIG).write_text(json.dumps(adapter_config, indent=2, allow_nan=False) + "\n")

@@ -17,10 +17,12 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from moa.atomic import atomic_directory
 from moa.config import BaseModelConfig, MoAConfig
+from moa.errors import UsageError
 
 CONFIG_NAME = "moa_config.json"
 WEIGHTS_NAME = "moa_adapters.safetensors"
@@ -39,7 +41,7 @@ def save(run_dir: str | Path, config: MoAConfig, weights: dict[str, torch.Tensor
         save_file(state, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "base_model": base_name})
         config.save(tmp / CONFIG_NAME)
         if base_spec is not None:
-            (tmp / BASE_MODEL_NAME).write_text(json.dumps(base_spec.to_dict(), indent=2) + "\n")
+            (tmp / BASE_MODEL_NAME).write_text(json.dumps(base_spec.to_dict(), indent=2, allow_nan=False) + "\n")
 
 
 def _file(run_dir: str | Path, name: str) -> Path:
@@ -54,7 +56,7 @@ def _json(path: Path):
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON: {err}") from None
+        raise UsageError(f"{path}: not valid JSON: {err}") from None
 
 
 def read_config(run_dir: str | Path) -> MoAConfig:
@@ -75,14 +77,19 @@ def read(run_dir: str | Path) -> tuple[MoAConfig, BaseModelConfig]:
 
 
 def read_weights(run_dir: str | Path, config: MoAConfig) -> dict[str, torch.Tensor]:
-    """The adapter and router tensors, each checked against `config` (K cultures, rank r) and paired A with B."""
+    """The adapter and router tensors, each checked against `config` (K cultures, rank r), paired A with B
+    and finite."""
     path = _file(run_dir, WEIGHTS_NAME)
-    weights = load_file(str(path))
+    try:
+        weights = load_file(str(path))
+    except SafetensorError as err:
+        raise UsageError(f"{path}: not a readable safetensors file ({err}); the run is damaged: save or "
+                         f"export it again") from None
     k, r = config.num_cultures, config.r
     for key, tensor in weights.items():
         match = _KEY.match(key)
         if match is None:
-            raise ValueError(f"{path}: unexpected tensor {key!r}: expected <module>.lora_A, <module>.lora_B "
+            raise UsageError(f"{path}: unexpected tensor {key!r}: expected <module>.lora_A, <module>.lora_B "
                              f"or routers.<layer>.<parameter>")
         shape = tuple(tensor.shape)
         if match["which"] == "A":
@@ -92,8 +99,11 @@ def read_weights(run_dir: str | Path, config: MoAConfig) -> dict[str, torch.Tens
         else:
             ok, want = match["param"] != "gate.weight" or (len(shape) == 2 and shape[0] == k), f"[{k}, hidden_size]"
         if not ok:
-            raise ValueError(f"{path}: {key} has shape {list(shape)}, but {CONFIG_NAME} ({k} cultures, r={r}) "
+            raise UsageError(f"{path}: {key} has shape {list(shape)}, but {CONFIG_NAME} ({k} cultures, r={r}) "
                              f"needs {want}")
         if match["which"] is not None and key[:-1] + ("B" if match["which"] == "A" else "A") not in weights:
-            raise ValueError(f"{path}: {key} has no lora_{'B' if match['which'] == 'A' else 'A'} beside it")
+            raise UsageError(f"{path}: {key} has no lora_{'B' if match['which'] == 'A' else 'A'} beside it")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise UsageError(f"{path}: {key} holds {int((~torch.isfinite(tensor)).sum())} NaN or Inf values: "
+                             f"expected finite weights (the run diverged or the file is damaged)")
     return weights

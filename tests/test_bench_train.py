@@ -56,6 +56,6 @@ def test_bench_train_tiny(tmp_path, capsys):
     assert rows["shared_lora"]["vs_shared"] == 1.0
 
 
-def test_bench_train_rejects_uneven_batch(tmp_path):
-    with pytest.raises(ValueError, match="--batch 7 must be a positive multiple of --cultures 3"):
-        main(["bench", "train", *tiny_args(batch=7), "--json", str(tmp_path / "x.json")])
+def test_bench_train_rejects_uneven_batch(tmp_path, capsys):
+    assert main(["bench", "train", *tiny_args(batch=7), "--json", str(tmp_path / "x.json")]) == 2
+    assert "--batch 7 must be a positive multiple of --cultures 3" in capsys.readouterr().err

@@ -11,6 +11,7 @@ from moa import saved_run
 from moa.atomic import atomic_file
 from moa.base_model import load_moa
 from moa.config import BaseModelConfig
+from moa.errors import UsageError
 
 CULTURES = ["japan", "india"]
 SPEC = BaseModelConfig(tiny={"family": "llama"})
@@ -53,7 +54,8 @@ def test_save_replaces_only_an_earlier_run(model, tmp_path):
     foreign = tmp_path / "notes"
     foreign.mkdir()
     (foreign / "todo.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match=r"notes exists and is not an earlier output of this kind \(no moa_config.json"):
+    with pytest.raises(UsageError, match=r"notes is not empty \(todo.txt\) and is not an earlier output of this kind "
+                                         r"\(no moa_config.json in it\): choose another directory or pass --overwrite"):
         model.save_pretrained(foreign)
     assert [p.name for p in foreign.iterdir()] == ["todo.txt"] and (foreign / "todo.txt").read_text() == "keep me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "notes"]  # no temporary left behind

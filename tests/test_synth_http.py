@@ -6,6 +6,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from moa.errors import UsageError
 from moa.synth import pipeline
 from moa.synth.backends import BackendError, OpenAIBackend
 from moa.synth.config import load_config
@@ -217,6 +218,6 @@ def test_run_stops_after_consecutive_backend_failures(serve, tmp_path):
     cfg = load_config(None, output_dir=str(tmp_path), cultures=["japan"], tasks=["mcq"], stage1_samples=0,
                       max_consecutive_errors=3,
                       llm={"backend": "openai", "model": "m", "base_url": server.url + "/v1", "max_retries": 0})
-    with pytest.raises(RuntimeError, match="stopping after 3 failed LLM calls in a row.*HTTP 500"):
+    with pytest.raises(UsageError, match="stopping after 3 failed LLM calls in a row.*HTTP 500"):
         pipeline.run(cfg, progress=False)
     assert len(server.seen) == 3 and not list(tmp_path.glob("*.jsonl"))

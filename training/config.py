@@ -13,6 +13,7 @@ from pathlib import Path
 import yaml
 
 from moa.config import BaseModelConfig, MoAConfig, from_mapping
+from moa.errors import UsageError
 
 SAMPLING = ("uniform", "proportional")
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -21,7 +22,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 
 def _positive_int(value, name):
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise UsageError(f"{name} must be a positive integer, got {value!r}")
 
 
 @dataclass
@@ -38,12 +39,12 @@ class StageConfig:
         self.train = [self.train] if isinstance(self.train, str) else list(self.train)
         self.validation = [self.validation] if isinstance(self.validation, str) else list(self.validation or [])
         if not self.train:
-            raise ValueError(f"stage {self.name!r}: 'train' needs at least one JSONL file")
+            raise UsageError(f"stage {self.name!r}: 'train' needs at least one JSONL file")
         _positive_int(self.steps, f"stage {self.name!r} steps")
         if not isinstance(self.lr, (int, float)) or self.lr <= 0:
-            raise ValueError(f"stage {self.name!r}: lr must be a positive number, got {self.lr!r}")
+            raise UsageError(f"stage {self.name!r}: lr must be a positive number, got {self.lr!r}")
         if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps <= self.steps:
-            raise ValueError(f"stage {self.name!r}: warmup_steps must be in 0..{self.steps}, got {self.warmup_steps!r}")
+            raise UsageError(f"stage {self.name!r}: warmup_steps must be in 0..{self.steps}, got {self.warmup_steps!r}")
 
 
 @dataclass
@@ -57,13 +58,13 @@ class OptimConfig:
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+            raise UsageError(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+            raise UsageError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         if len(self.betas) != 2:
-            raise ValueError(f"optim.betas must be two numbers, got {self.betas!r}")
+            raise UsageError(f"optim.betas must be two numbers, got {self.betas!r}")
         if self.max_grad_norm < 0:
-            raise ValueError(f"optim.max_grad_norm must be >= 0, got {self.max_grad_norm!r}")
+            raise UsageError(f"optim.max_grad_norm must be >= 0, got {self.max_grad_norm!r}")
 
 
 @dataclass
@@ -80,12 +81,12 @@ class BatchConfig:
         _positive_int(self.global_batch_size, "batch.global_batch_size")
         _positive_int(self.max_length, "batch.max_length")
         if self.sampling not in SAMPLING:
-            raise ValueError(f"batch.sampling must be one of {SAMPLING}, got {self.sampling!r}")
+            raise UsageError(f"batch.sampling must be one of {SAMPLING}, got {self.sampling!r}")
 
     def accumulation(self, world_size: int) -> int:
         per_step = self.micro_batch_size * world_size
         if self.global_batch_size % per_step:
-            raise ValueError(f"batch.global_batch_size {self.global_batch_size} is not a multiple of micro_batch_size "
+            raise UsageError(f"batch.global_batch_size {self.global_batch_size} is not a multiple of micro_batch_size "
                              f"{self.micro_batch_size} x world size {world_size}")
         return self.global_batch_size // per_step
 
@@ -114,21 +115,21 @@ class TrainConfig:
         self.model = from_mapping(BaseModelConfig, self.model, "model")
         self.moa = from_mapping(MoAConfig, self.moa, "moa")
         if not isinstance(self.stages, list):
-            raise ValueError(f"stages must be a list, got {self.stages!r}")
+            raise UsageError(f"stages must be a list, got {self.stages!r}")
         self.stages = [from_mapping(StageConfig, stage, f"stages[{i}]") for i, stage in enumerate(self.stages)]
         self.optim = from_mapping(OptimConfig, self.optim, "optim")
         self.batch = from_mapping(BatchConfig, self.batch, "batch")
         if self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+            raise UsageError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not self.stages:
-            raise ValueError("stages must list at least one stage")
+            raise UsageError("stages must list at least one stage")
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
-            raise ValueError(f"stage names must be unique, got {names}")
+            raise UsageError(f"stage names must be unique, got {names}")
         for name in ("save_interval", "keep_checkpoints", "log_interval", "eval_rows"):
             _positive_int(getattr(self, name), name)
         if not isinstance(self.eval_interval, int) or self.eval_interval < 0:
-            raise ValueError(f"eval_interval must be an integer >= 0, got {self.eval_interval!r}")
+            raise UsageError(f"eval_interval must be an integer >= 0, got {self.eval_interval!r}")
 
     @property
     def total_steps(self) -> int:
@@ -142,6 +143,12 @@ class TrainConfig:
                 return index, stage, step - start
             start += stage.steps
         raise ValueError(f"step {step} is past the last stage (total {self.total_steps} steps)")
+
+    def input_paths(self) -> list[str]:
+        """Every file or directory the run reads: the base model, tokenizer, data files and DeepSpeed config."""
+        paths = [self.model.path, self.model.tokenizer if self.model.tokenizer != "byte" else None, self.deepspeed]
+        paths += [p for stage in self.stages for p in stage.train + stage.validation]
+        return [p for p in paths if p]
 
     def model_config(self) -> MoAConfig:
         """The MoAConfig actually trained: the shared baseline is one culture 'shared' of rank K*r."""
@@ -184,5 +191,5 @@ class TrainConfig:
         try:
             data = yaml.safe_load(path.read_text())
         except yaml.YAMLError as err:
-            raise ValueError(f"{path}: not valid YAML: {err}") from None
+            raise UsageError(f"{path}: not valid YAML: {err}") from None
         return cls.from_dict(data, source=str(path), base_dir=path.parent)

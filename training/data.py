@@ -10,19 +10,28 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from moa.data import IGNORE_INDEX, encode_example, load_jsonl
+from moa.data import CULTURES, IGNORE_INDEX, encode_example, load_jsonl
 from moa.data.padding import pad, pad_batch
+from moa.errors import UsageError
 
 
 class StageData:
-    """A stage's tokenized rows with their culture ids, sampled per culture uniformly or proportionally."""
+    """A stage's tokenized rows with their culture ids, sampled per culture uniformly or proportionally.
+    A row of a culture the run does not train is refused."""
 
     def __init__(self, files, tokenizer, cultures: list[str], max_length: int, tasks=None, shared: bool = False):
         rows = []
+        known = list(CULTURES) + [c for c in cultures if c not in CULTURES]
         for path in files:
-            rows.extend(load_jsonl(path, cultures=cultures, tasks=tasks))
+            loaded = load_jsonl(path, cultures=known, tasks=tasks)
+            others = sorted({row["culture"] for row in loaded} - set(cultures))
+            if others:
+                raise UsageError(f"{path}: {sum(row['culture'] in others for row in loaded)} row(s) of cultures {others}, "
+                                 f"which the run does not train: expected only its cultures {cultures} (filter the file "
+                                 f"or add them to moa.cultures)")
+            rows.extend(loaded)
         if not rows:
-            raise ValueError(f"no rows for cultures {cultures} (tasks {tasks or 'all'}) in {list(map(str, files))}")
+            raise UsageError(f"no rows for cultures {cultures} (tasks {tasks or 'all'}) in {list(map(str, files))}")
         self.rows = rows
         self.examples = [encode_example(tokenizer, row, max_length) for row in rows]
         self.culture_names = [row["culture"] for row in rows]

@@ -79,5 +79,5 @@ def print_table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
 def write_json(path: str | Path, payload: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2) + "\n")
+    path.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
     print(f"wrote {path}")

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import sys
 
 import torch  # peft, transformers and the model load in the functions that use them: `--help` stays fast
 
 from moa.bench.common import paired_ratio, print_table, stamp, time_interleaved, write_json
+from moa.errors import UsageError
 
 PROVIDERS = ("base", "moa", "peft_single", "peft_mixed")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -39,6 +41,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", default="bench-e2e.json", help="where to write the results")
 
 
+def providers(text: str) -> set[str]:
+    """The providers a --providers value names, each one of PROVIDERS."""
+    wanted = {name.strip() for name in text.split(",") if name.strip()}
+    unknown = wanted - set(PROVIDERS)
+    if unknown or not wanted:
+        raise UsageError(f"unknown providers {sorted(unknown) or text!r}: expected a non-empty subset of {PROVIDERS}")
+    return wanted
+
+
 def build_models(args) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -52,10 +63,7 @@ def build_models(args) -> dict:
                          num_key_value_heads=args.heads, vocab_size=args.vocab, max_position_embeddings=4096)
     base = LlamaForCausalLM(config).to(args.device, dtype).eval()
     names = [f"culture{i}" for i in range(args.cultures)]
-    wanted = set(args.providers.split(","))
-    unknown = wanted - set(PROVIDERS)
-    if unknown:
-        raise ValueError(f"unknown providers {sorted(unknown)}: expected a subset of {PROVIDERS}")
+    wanted = providers(args.providers)
     models = {}
     if "base" in wanted:
         models["base"] = base
@@ -98,7 +106,13 @@ def _vs_base(stats: dict, name: str) -> float | None:
 def run(args) -> int:
     from transformers import DynamicCache
 
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from moa.atomic import check_output_file
+    from moa.base_model import resolve_device
+
+    check_output_file(args.json, '"bench": "e2e"')
+    providers(args.providers)
+    args.device = resolve_device(args.device)
+    print(f"[e2e] building {args.providers} on {args.device} ({args.dtype})", file=sys.stderr, flush=True)
     torch.manual_seed(args.seed)
     models = build_models(args)
     names = [f"culture{i}" for i in range(args.cultures)]
@@ -109,6 +123,7 @@ def run(args) -> int:
         cultures = torch.randint(0, args.cultures, (batch,), device=args.device)
         prompt = torch.randint(0, args.vocab, (batch, context), device=args.device)
         step = torch.randint(0, args.vocab, (batch, 1), device=args.device)
+        print(f"[e2e] timing decode: {len(models)} providers x {args.repeat} rounds", file=sys.stderr, flush=True)
         decode = {}
         for name, model in models.items():
             cache = DynamicCache()
@@ -124,6 +139,7 @@ def run(args) -> int:
         cultures = torch.randint(0, args.cultures, (batch,), device=args.device)
         prompt = torch.randint(0, args.vocab, (batch, length), device=args.device)
         prefill = {name: forward_fn(name, model, prompt, cultures, names) for name, model in models.items()}
+        print(f"[e2e] timing prefill: {len(models)} providers x {max(5, args.repeat // 2)} rounds", file=sys.stderr, flush=True)
         stats = time_interleaved(prefill, warmup=2, repeat=max(5, args.repeat // 2))
         for name in prefill:
             results.append({"phase": "prefill", "provider": name, "tokens": batch * length, **stats[name],

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from moa.bench.common import print_table, stamp, time_interleaved, write_json
+from moa.errors import UsageError
 
 PROVIDERS = ("triton", "cpu", "torch", "gather_bmm", "loop", "roofline")
 MODES = ("fwd", "bwd", "fwd+bwd")
@@ -77,7 +78,7 @@ def _subset(text: str, allowed: tuple, what: str) -> list[str]:
     items = [v.strip() for v in text.split(",") if v.strip()]
     bad = [v for v in items if v not in allowed]
     if bad:
-        raise ValueError(f"unknown {what} {bad}: expected a subset of {allowed}")
+        raise UsageError(f"unknown {what} {bad}: expected a subset of {allowed}")
     return items
 
 
@@ -86,11 +87,11 @@ def _point(text: str) -> dict:
     for item in text.split(","):
         key, _, value = item.partition("=")
         if key not in SWEEPS:
-            raise ValueError(f"unknown --point key {key!r}: expected one of {SWEEPS}")
+            raise UsageError(f"unknown --point key {key!r}: expected one of {SWEEPS}")
         point[key] = value if key == "dist" else int(value)
     missing = set(SWEEPS) - set(point)
     if missing:
-        raise ValueError(f"--point lacks {sorted(missing)}")
+        raise UsageError(f"--point lacks {sorted(missing)}")
     return point
 
 
@@ -108,7 +109,7 @@ def make_ids(dist: str, tokens: int, adapters: int, top_k: int, gen: torch.Gener
     elif dist == "single":
         first = torch.zeros(tokens, dtype=torch.long)
     else:
-        raise ValueError(f"unknown distribution {dist!r}: expected one of {DISTS}")
+        raise UsageError(f"unknown distribution {dist!r}: expected one of {DISTS}")
     if top_k == 1:
         return first
     cols = [first]
@@ -312,7 +313,11 @@ def run_compile_report(args) -> int:
 
 
 def run(args) -> int:
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from moa.atomic import check_output_file
+    from moa.base_model import resolve_device
+
+    check_output_file(args.json, '"stamp": {')
+    args.device = resolve_device(args.device)
     for key, value in (GPU_DEFAULTS if args.device.startswith("cuda") else CPU_DEFAULTS).items():
         if getattr(args, key) is None:
             setattr(args, key, value)

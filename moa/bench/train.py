@@ -29,6 +29,7 @@ import os
 import torch  # peft, transformers and the model load in the functions that use them: `--help` stays fast
 
 from moa.bench.common import paired_ratio, print_table, stamp, time_interleaved, write_json
+from moa.errors import UsageError
 
 PROVIDERS = ("moa_joint", "shared_lora", "shared_lora_kr", "separate_runs")
 LABELS = {
@@ -67,7 +68,7 @@ def _providers(text: str) -> list[str]:
     items = [v.strip() for v in text.split(",") if v.strip()]
     bad = [v for v in items if v not in PROVIDERS]
     if bad or not items:
-        raise ValueError(f"unknown providers {bad or text!r}: expected a non-empty subset of {PROVIDERS}")
+        raise UsageError(f"unknown providers {bad or text!r}: expected a non-empty subset of {PROVIDERS}")
     return [p for p in PROVIDERS if p in items]
 
 
@@ -151,12 +152,12 @@ def _separate_trainer(base, names, batch, row_cultures, args) -> Trainer:
 def build_trainers(args) -> dict[str, Trainer]:
     """The trainer of every provider in `args.providers`, all on one base model and one batch."""
     if args.cultures < 1:
-        raise ValueError(f"--cultures must be >= 1, got {args.cultures}")
+        raise UsageError(f"--cultures must be >= 1, got {args.cultures}")
     if args.batch < args.cultures or args.batch % args.cultures:
-        raise ValueError(f"--batch {args.batch} must be a positive multiple of --cultures {args.cultures} "
+        raise UsageError(f"--batch {args.batch} must be a positive multiple of --cultures {args.cultures} "
                          "(every culture gets the same number of rows)")
     if args.seq_len < 2:
-        raise ValueError(f"--seq-len must be >= 2 (next-token labels), got {args.seq_len}")
+        raise UsageError(f"--seq-len must be >= 2 (next-token labels), got {args.seq_len}")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     wanted = _providers(args.providers)
@@ -199,9 +200,13 @@ def _checks(by_name: dict, max_ratio: float) -> list[dict]:
 
 
 def run(args) -> int:
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from moa.atomic import check_output_file
+    from moa.base_model import resolve_device
+
+    check_output_file(args.json, '"bench": "train"')
+    args.device = resolve_device(args.device)
     if args.threads < 0:
-        raise ValueError(f"--threads must be >= 0, got {args.threads}")
+        raise UsageError(f"--threads must be >= 0, got {args.threads}")
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)

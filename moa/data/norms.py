@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from moa.data.schema import CULTURES
+from moa.errors import UsageError
 
 BUNDLED = Path(__file__).parent / "bundled"
 TOPICS = ["greetings", "dining", "tipping", "gifts", "hospitality", "punctuality", "family", "work", "dress",
@@ -87,7 +88,7 @@ class Taboo:
 
 def _require(condition: bool, where: str, message: str) -> None:
     if not condition:
-        raise ValueError(f"{where}: {message}")
+        raise UsageError(f"{where}: {message}")
 
 
 def _check_cultures(mapping: dict, where: str, what: str) -> None:

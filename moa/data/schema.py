@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 from moa.atomic import atomic_file
+from moa.errors import UsageError
 
 # The ten bundled national cultures (keys of bundled/cultures.yaml, in this order).
 CULTURES = ["china", "india", "japan", "south_korea", "germany", "brazil", "nigeria", "egypt", "mexico",
@@ -42,7 +43,7 @@ OPTIONAL_FIELDS = {
 }
 
 
-class DataError(ValueError):
+class DataError(UsageError):
     """Malformed data. `problems` holds (path, line, message) for every bad line."""
 
     def __init__(self, problems: list[tuple[str, int, str]]):
@@ -133,4 +134,4 @@ def write_jsonl(path, rows) -> None:
     """Write rows as JSONL, atomically."""
     with atomic_file(path) as f:
         for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            f.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")

@@ -10,6 +10,8 @@ the response is what the template adds for the assistant turn. Without one, the 
 """
 from __future__ import annotations
 
+from moa.errors import UsageError
+
 PLAIN_PROMPT = "User: {prompt}\nAssistant: "
 IGNORE_INDEX = -100
 
@@ -37,7 +39,7 @@ def padding_id(tokenizer) -> int:
         value = getattr(tokenizer, name, None)
         if value is not None:
             return value
-    raise ValueError(f"{type(tokenizer).__name__} has neither a pad nor an eos token to pad batches with")
+    raise UsageError(f"{type(tokenizer).__name__} has neither a pad nor an eos token to pad batches with")
 
 
 def encode_prompt(tokenizer, prompt: str) -> list[int]:
@@ -56,10 +58,10 @@ def encode_example(tokenizer, row: dict, max_length: int) -> dict:
     prompt needs the rest) and the end of the prompt.
     """
     if max_length < 2:
-        raise ValueError(f"max_length must be at least 2, got {max_length}")
+        raise UsageError(f"max_length must be at least 2, got {max_length}")
     for name in ("prompt", "response"):
         if not isinstance(row.get(name), str):
-            raise ValueError(f"row field {name!r} must be a string, got {row.get(name)!r}")
+            raise UsageError(f"row field {name!r} must be a string, got {row.get(name)!r}")
     prompt_text = format_prompt(tokenizer, row["prompt"])
     prompt_ids = encode_prompt(tokenizer, row["prompt"])
     response_text = _response_text(tokenizer, row["prompt"], row["response"], prompt_text)

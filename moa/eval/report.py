@@ -119,7 +119,7 @@ def write_report(results: dict, output_dir) -> dict:
     with atomic_file(paths["markdown"]) as f:
         f.write(format_markdown(results))
     with atomic_file(paths["json"]) as f:
-        f.write(json.dumps(results, indent=1) + "\n")
+        f.write(json.dumps(results, indent=1, allow_nan=False) + "\n")
     paths["confusion"] = plot_confusion(results, output_dir / "confusion.png")
     if results["accuracy"]:
         paths["accuracy"] = plot_accuracy(results, output_dir / "accuracy.png")

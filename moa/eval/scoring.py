@@ -20,6 +20,7 @@ from tqdm import tqdm
 from moa.data import IGNORE_INDEX, LABELS, encode_example, encode_prompt, padding_id
 from moa.data.norms import cultures as bundled_cultures
 from moa.data.padding import pad, pad_batch
+from moa.errors import UsageError
 
 METHODS = ("base", "prompting", "shared_lora", "moa_oracle", "moa_router")
 SHARED_CULTURE = "shared"
@@ -69,7 +70,7 @@ def predict_labels(model, tokenizer, rows: list[dict], culture_ids: list[int] | 
     examples, owners = [], []
     for i, row in enumerate(rows):
         if row["task"] not in LABELS:
-            raise ValueError(f"row {i} has task {row['task']!r}: expected a label task, one of {sorted(LABELS)}")
+            raise UsageError(f"row {i} has task {row['task']!r}: expected a label task, one of {sorted(LABELS)}")
         prompt = cultural_prompt(row["prompt"], row["culture"]) if prompting else row["prompt"]
         for label in LABELS[row["task"]]:
             examples.append(encode_example(tokenizer, {"prompt": prompt, "response": label}, max_length))
@@ -122,12 +123,12 @@ def accuracy_summary(correct: list[bool], rows: list[dict], cultures: list[str])
 def check_rows(rows: list[dict], cultures: list[str]) -> None:
     """Every row's culture must be one of the model's; raises ValueError naming the first bad one."""
     if not rows:
-        raise ValueError("no rows to evaluate")
+        raise UsageError("no rows to evaluate")
     for i, row in enumerate(rows):
         if row["culture"] not in cultures:
             where = f"row {i}" + (f" (id {row['id']!r})" if "id" in row else "")
             count = sum(r["culture"] not in cultures for r in rows)
-            raise ValueError(f"{where} has culture {row['culture']!r}, which is not one of the model's cultures "
+            raise UsageError(f"{where} has culture {row['culture']!r}, which is not one of the model's cultures "
                              f"{cultures} ({count} row(s) with cultures outside the model)")
 
 
@@ -141,11 +142,11 @@ def evaluate(model, tokenizer, rows: list[dict], shared_model=None, batch_size: 
     The models are put in eval mode.
     """
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        raise UsageError(f"batch_size must be at least 1, got {batch_size}")
     cultures = list(model.config.cultures)
     check_rows(rows, cultures)
     if shared_model is not None and list(shared_model.config.cultures) != [SHARED_CULTURE]:
-        raise ValueError(f"the shared LoRA model must have exactly one culture named {SHARED_CULTURE!r}, "
+        raise UsageError(f"the shared LoRA model must have exactly one culture named {SHARED_CULTURE!r}, "
                          f"got {list(shared_model.config.cultures)}")
     for m in (model, shared_model):
         if m is not None:

@@ -9,25 +9,30 @@ in input order, is {"id", "prompt", "culture" (given or null), "text" (the new t
 skipped), "routed_culture" (the given culture under 'oracle', else the router's choice for the
 prompt), "router_confidence" (the router's probability for its choice, in every mode),
 "router_choice", "new_tokens"}. The output is written under a temporary name and renamed; the
-throughput (new tokens / wall time) is printed.
+throughput (new tokens / wall time) is printed. --output must be new or an earlier output of
+generate (else --overwrite); a prompt longer than the context minus --max-new-tokens is refused
+(or, with --truncate left, keeps its last tokens).
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="saved MoA run directory (moa_config.json, moa_adapters.safetensors, base_model.json)")
     parser.add_argument("--prompts", required=True, help="input JSONL: {\"prompt\", \"culture\" (optional), \"id\" (optional)} per line")
-    parser.add_argument("--output", required=True, help="output JSONL, one line per input row in input order")
+    parser.add_argument("--output", required=True, help="output JSONL, one line per input row in input order; new or an "
+                                                        "earlier output of generate")
+    parser.add_argument("--overwrite", action="store_true", help="replace an --output file that generate did not write")
     parser.add_argument("--routing", default="prompt", choices=["prompt", "router", "oracle", "topk"],
                         help="'prompt': the router's pick for the prompt runs the whole row; 'oracle': each row's given "
                              "culture; 'router': the gate's top-1 per token; 'topk': mix of the top-k")
     parser.add_argument("--top-k", type=int, default=None, help="adapters mixed per token under --routing topk (default: the run's top_k)")
     parser.add_argument("--batch-size", type=int, default=16, help="rows per generate call")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="new tokens per row at most")
+    parser.add_argument("--truncate", choices=["left"], help="cut a prompt longer than the context minus --max-new-tokens "
+                                                             "to its last tokens (default: refuse it)")
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (with --do-sample)")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --do-sample)")
@@ -39,26 +44,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     import torch
 
-    from moa.base_model import load_moa
+    from moa.atomic import check_output_file
+    from moa.base_model import load_moa, resolve_device
     from moa.data import write_jsonl
-    from moa.infer.generate import generate_rows, read_prompts
+    from moa.infer.generate import check_sampling, generate_rows, read_prompts
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_output_file(args.output, '"routed_culture"', inputs=[args.model, args.prompts], overwrite=args.overwrite)
+    check_sampling(args.temperature, args.top_p)
+    device = resolve_device(args.device)
     sampling = {"do_sample": args.do_sample}
     if args.do_sample:
         sampling.update(temperature=args.temperature, top_p=args.top_p)
-    try:
-        model, tokenizer = load_moa(args.model, device=device)
-        rows = read_prompts(args.prompts, model.config.cultures, args.routing)
-        torch.manual_seed(args.seed)
-        start = time.perf_counter()
-        results = generate_rows(model, tokenizer, rows, routing=args.routing, batch_size=args.batch_size,
-                                max_new_tokens=args.max_new_tokens, top_k=args.top_k, progress=not args.no_progress,
-                                **sampling)
-        seconds = time.perf_counter() - start
-    except (ValueError, FileNotFoundError) as e:
-        print(f"moa generate: error: {e}", file=sys.stderr)
-        return 2
+    model, tokenizer = load_moa(args.model, device=device)
+    rows = read_prompts(args.prompts, model.config.cultures, args.routing)
+    torch.manual_seed(args.seed)
+    start = time.perf_counter()
+    results = generate_rows(model, tokenizer, rows, routing=args.routing, batch_size=args.batch_size,
+                            max_new_tokens=args.max_new_tokens, top_k=args.top_k, progress=not args.no_progress,
+                            truncate=args.truncate, **sampling)
+    seconds = time.perf_counter() - start
     write_jsonl(args.output, results)
     new_tokens = sum(r["new_tokens"] for r in results)
     print(f"{len(results)} rows, {new_tokens} new tokens in {seconds:.2f}s ({new_tokens / max(seconds, 1e-9):.1f} tokens/s) "

@@ -6,6 +6,8 @@ is one `model.generate` call: the rows' cultures mix inside every forward pass, 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from tqdm import tqdm
 
@@ -13,10 +15,12 @@ from moa.config import ROUTING_MODES
 from moa.data import DataError, encode_prompt, padding_id
 from moa.data.padding import pad_batch
 from moa.data.schema import json_lines
+from moa.errors import UsageError
 
 # 'prompt': the router's pick for each prompt (its choice at the last prompt token) runs the whole
 # row, prompt and answer, as a server routes a request; the others are the model's own modes
 GENERATE_ROUTING = ("prompt",) + ROUTING_MODES
+PROMPT_KEYS = ("prompt", "culture", "id")
 
 
 def row_problems(row, cultures: list[str], routing: str) -> list[str]:
@@ -37,10 +41,13 @@ def row_problems(row, cultures: list[str], routing: str) -> list[str]:
 
 
 def read_prompts(path, cultures: list[str], routing: str = "prompt") -> list[dict]:
-    """Read and check a JSONL file of prompt rows; DataError lists every bad line as file:line."""
+    """Read and check a JSONL file of prompt rows (keys PROMPT_KEYS only); DataError lists every bad line as file:line."""
     problems, rows = [], []
     for number, row in json_lines(path, problems):
         bad = row_problems(row, cultures, routing)
+        unknown = sorted(set(row) - set(PROMPT_KEYS)) if isinstance(row, dict) else []
+        if unknown:
+            bad.append(f"unknown keys {unknown}: expected only {list(PROMPT_KEYS)}")
         problems.extend((str(path), number, message) for message in bad)
         if not bad:
             rows.append(row)
@@ -51,7 +58,8 @@ def read_prompts(path, cultures: list[str], routing: str = "prompt") -> list[dic
     return rows
 
 
-def _eos_ids(model, tokenizer) -> set[int]:
+def eos_ids(model, tokenizer) -> set[int]:
+    """The token ids that end a generation: the base model's generation config's and the tokenizer's EOS."""
     ids = set()
     config = getattr(model.base_model, "generation_config", None)
     for value in (getattr(config, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
@@ -70,14 +78,44 @@ def _until_eos(tokens: list[int], eos: set[int]) -> list[int]:
 
 
 @torch.no_grad()
+def check_sampling(temperature: float = 1.0, top_p: float = 1.0, **_) -> None:
+    """Refuse sampling parameters outside their ranges: temperature > 0, 0 < top_p <= 1."""
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise UsageError(f"temperature must be a number > 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise UsageError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def fit_context(encoded: list[list[int]], rows: list[dict], context: int | None, max_new_tokens: int,
+                truncate: str | None) -> list[list[int]]:
+    """The prompts' token ids, each checked to leave `max_new_tokens` of the model's `context` positions:
+    a longer prompt is refused (naming its row), or with truncate='left' cut to its last tokens."""
+    if context is None:
+        return encoded
+    room = context - max_new_tokens
+    if room < 1:
+        raise UsageError(f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's context of "
+                         f"{context} positions: expected at most {context - 1}")
+    if truncate == "left":
+        return [ids[-room:] for ids in encoded]
+    for i, ids in enumerate(encoded):
+        if len(ids) > room:
+            raise UsageError(f"row {i} (id {rows[i].get('id', i)!r}): the prompt is {len(ids)} tokens, but the model's "
+                             f"context of {context} positions minus max_new_tokens {max_new_tokens} leaves {room}: "
+                             f"shorten it, lower --max-new-tokens or pass --truncate left")
+    return encoded
+
+
 def generate_rows(model, tokenizer, rows: list[dict], routing: str = "prompt", batch_size: int = 16,
-                  max_new_tokens: int = 64, top_k: int | None = None, progress: bool = False, **sampling) -> list[dict]:
+                  max_new_tokens: int = 64, top_k: int | None = None, progress: bool = False,
+                  truncate: str | None = None, **sampling) -> list[dict]:
     """Generate for every row; one output dict per row, in input order.
 
     routing: 'prompt' (the adapter the router picks for the row's prompt runs the whole row),
     'oracle' (each row's own culture, required on every row), 'router' (the gate's top-1 per token)
     or 'topk' (the renormalised mix of the `top_k` best adapters per token).
-    `sampling` goes to transformers `generate` (do_sample, temperature, top_p, ...).
+    `sampling` goes to transformers `generate` (do_sample, temperature, top_p, ...). A prompt longer
+    than the model's context minus `max_new_tokens` is refused, or with truncate='left' keeps its last tokens.
     Output keys: id (given, else the row's position), prompt, culture (given or None), text (the
     new tokens decoded, special tokens skipped), routed_culture (the given culture in 'oracle'
     mode, else the router's choice for the prompt), router_confidence and router_choice (the
@@ -85,17 +123,21 @@ def generate_rows(model, tokenizer, rows: list[dict], routing: str = "prompt", b
     """
     cultures = model.config.cultures
     if routing not in GENERATE_ROUTING:
-        raise ValueError(f"unknown routing {routing!r}: expected one of {GENERATE_ROUTING}")
+        raise UsageError(f"unknown routing {routing!r}: expected one of {GENERATE_ROUTING}")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        raise UsageError(f"batch_size must be at least 1, got {batch_size}")
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        raise UsageError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if top_k is not None and not 1 <= top_k <= len(cultures):
+        raise UsageError(f"top_k must be between 1 and the run's {len(cultures)} cultures, got {top_k}")
+    check_sampling(**sampling)
     problems = [f"row {i}: {message}" for i, row in enumerate(rows) for message in row_problems(row, cultures, routing)]
     if problems:
-        raise ValueError("bad prompt rows:\n  " + "\n  ".join(problems))
+        raise UsageError("bad prompt rows:\n  " + "\n  ".join(problems))
     pad = padding_id(tokenizer)
-    eos = _eos_ids(model, tokenizer)
-    encoded = [encode_prompt(tokenizer, row["prompt"]) for row in rows]
+    eos = eos_ids(model, tokenizer)
+    encoded = fit_context([encode_prompt(tokenizer, row["prompt"]) for row in rows], rows,
+                          getattr(model.base_model.config, "max_position_embeddings", None), max_new_tokens, truncate)
     order = sorted(range(len(rows)), key=lambda i: -len(encoded[i]))
     batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
     results: list[dict | None] = [None] * len(rows)

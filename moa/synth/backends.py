@@ -11,11 +11,12 @@ import os
 from abc import ABC, abstractmethod
 
 from moa.data import padding_id
+from moa.errors import UsageError
 from moa.synth.httpjson import HttpClient, HttpError
 from moa.synth.prompting import SynthRequest
 
 
-class BackendError(RuntimeError):
+class BackendError(UsageError):
     """An LLM call that failed (network, HTTP status or a malformed API reply)."""
 
 
@@ -45,7 +46,7 @@ class OpenAIBackend(Backend):
                  temperature: float = 0.7, max_tokens: int = 2048, timeout_s: float = 60.0, max_retries: int = 5,
                  requests_per_minute: float | None = None, json_mode: bool = True, client: HttpClient | None = None):
         if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"openai base_url must start with http:// or https://, got {base_url!r}")
+            raise UsageError(f"openai base_url must start with http:// or https://, got {base_url!r}")
         self.model, self.base_url = model, base_url.rstrip("/")
         self.api_key_env = api_key_env
         self.temperature, self.max_tokens, self.json_mode = temperature, max_tokens, json_mode

@@ -13,6 +13,8 @@ from collections import Counter
 
 import numpy as np
 
+from moa.errors import UsageError
+
 WORD = re.compile(r"[a-z0-9]+")
 STOP_WORDS = frozenset("""a an and are as at be by do does for from how in is it its of on or that the their
 them then there these they this to was what when where which who why will with you your""".split())
@@ -40,9 +42,9 @@ class BM25:
 
     def __init__(self, texts: list[str], k1: float = 1.5, b: float = 0.75):
         if not texts:
-            raise ValueError("BM25 needs at least one document")
+            raise UsageError("BM25 needs at least one document")
         if k1 < 0 or not 0 <= b <= 1:
-            raise ValueError(f"BM25 needs k1 >= 0 and 0 <= b <= 1, got k1={k1}, b={b}")
+            raise UsageError(f"BM25 needs k1 >= 0 and 0 <= b <= 1, got k1={k1}, b={b}")
         self.n = len(texts)
         counts = [Counter(tokenize(t)) for t in texts]
         lengths = np.array([sum(c.values()) for c in counts], dtype=np.float64)

@@ -6,6 +6,8 @@ import json
 import sqlite3
 from pathlib import Path
 
+from moa.errors import UsageError
+
 
 def cache_key(identity: dict, request_key: dict) -> str:
     blob = json.dumps({"backend": identity, "request": request_key}, sort_keys=True, ensure_ascii=False)
@@ -18,9 +20,15 @@ class CallCache:
     def __init__(self, path):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.db = sqlite3.connect(str(path))
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("CREATE TABLE IF NOT EXISTS calls (key TEXT PRIMARY KEY, reply TEXT NOT NULL)")
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("CREATE TABLE IF NOT EXISTS calls (key TEXT PRIMARY KEY, reply TEXT NOT NULL)")
+            self.db.execute("SELECT COUNT(*) FROM calls").fetchone()
+        except sqlite3.DatabaseError as err:
+            self.db.close()
+            raise UsageError(f"{path}: not a readable SQLite cache of LLM calls ({err}): delete it (its calls are "
+                             f"made again) or pass --fresh") from None
         self.hits = self.misses = 0
 
     def get(self, key: str) -> str | None:

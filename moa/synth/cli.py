@@ -3,13 +3,15 @@
 Writes OUTPUT/stage1_{train,validation}.jsonl, OUTPUT/stage2_{train,validation,test}.jsonl and
 OUTPUT/summary.json (with summary.png), prints a culture x task table of valid samples and
 rejects. A rerun with the same config resumes: finished jobs are skipped and LLM calls come from
-the cache in OUTPUT/work/.
+the cache in OUTPUT/work/. OUTPUT must be new, empty or an earlier synth output (else --overwrite).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+
+from moa.cli import run_verb
 
 
 def _list(text: str) -> list:
@@ -24,27 +26,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cultures", type=_list, help="comma-separated cultures (default: the config's)")
     parser.add_argument("--tasks", type=_list, help="comma-separated tasks (default: the config's)")
     parser.add_argument("--fresh", action="store_true", help="discard an earlier run in the output dir")
+    parser.add_argument("--overwrite", action="store_true", help="write into an output dir that holds other files")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
 
 
+RESUME_HINT = "rerun the same command to resume (finished jobs are kept, LLM calls come from the cache)"
+
+
 def run(args) -> int:
+    from moa.atomic import check_output_dir
     from moa.resources import config_file
     from moa.synth.config import load_config
     from moa.synth.pipeline import run as run_pipeline
     from moa.synth.report import format_table, plot_counts
 
-    try:
-        cfg = load_config(config_file(args.config), output_dir=args.output_dir, samples_per_task=args.samples,
-                          cultures=args.cultures, tasks=args.tasks)
-        summary = run_pipeline(cfg, fresh=args.fresh, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
-        print(f"moa synth: error: {e}", file=sys.stderr)
-        return 2
+    path = config_file(args.config)
+    cfg = load_config(path, output_dir=args.output_dir, samples_per_task=args.samples, cultures=args.cultures,
+                      tasks=args.tasks)
+    check_output_dir(cfg.output_dir, "work/state.json", inputs=[path, cfg.task_dir], overwrite=args.overwrite,
+                     replace=False)
+    summary = run_pipeline(cfg, fresh=args.fresh, progress=not args.no_progress)
     if cfg.plot:
         plot_counts(summary, cfg.output_dir / "summary.png")
     if args.json:
-        print(json.dumps(summary, indent=1))
+        print(json.dumps(summary, indent=1, allow_nan=False))
     else:
         print(format_table(summary))
         print(f"done in {summary['seconds']}s -> {cfg.output_dir}")
@@ -55,7 +61,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="moa synth", description=__doc__,
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return run_verb(sys.modules[__name__], parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import yaml
 
 from moa.config import from_mapping
 from moa.data.schema import CULTURES, TASKS
+from moa.errors import UsageError
 from moa.resources import CONFIGS
 from moa.synth.queries import BROAD_QUERIES
 
@@ -78,11 +79,11 @@ def _section(raw, choices: dict, where: str):
     if isinstance(raw, tuple(choices.values())):
         return raw
     if not isinstance(raw, dict) or raw.get("backend") not in choices:
-        raise ValueError(f"{where}.backend must be one of {sorted(choices)}, got {raw!r}")
+        raise UsageError(f"{where}.backend must be one of {sorted(choices)}, got {raw!r}")
     section = from_mapping(choices[raw["backend"]], raw, f"{where} ({raw['backend']})")
     empty = [k for k in ("model", "base_url") if hasattr(section, k) and not getattr(section, k)]
     if empty:
-        raise ValueError(f"{where} ({raw['backend']}) needs {empty}, got {raw!r}")
+        raise UsageError(f"{where} ({raw['backend']}) needs {empty}, got {raw!r}")
     return section
 
 
@@ -124,26 +125,26 @@ class SynthConfig:
         for key in ("samples_per_task", "samples_per_call", "max_rounds", "max_consecutive_errors"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{key} must be a positive integer, got {value!r}")
+                raise UsageError(f"{key} must be a positive integer, got {value!r}")
         if not isinstance(self.stage1_samples, int) or self.stage1_samples < 0:
-            raise ValueError(f"stage1_samples must be an integer >= 0, got {self.stage1_samples!r}")
+            raise UsageError(f"stage1_samples must be an integer >= 0, got {self.stage1_samples!r}")
         if self.test_split not in TEST_SPLITS:
-            raise ValueError(f"test_split must be one of {list(TEST_SPLITS)}, got {self.test_split!r}")
+            raise UsageError(f"test_split must be one of {list(TEST_SPLITS)}, got {self.test_split!r}")
         for key in ("test_fraction", "validation_fraction"):
             if not 0 <= getattr(self, key) < 1:
-                raise ValueError(f"{key} must be within [0, 1), got {getattr(self, key)!r}")
+                raise UsageError(f"{key} must be within [0, 1), got {getattr(self, key)!r}")
         if not isinstance(self.cultures, list):
-            raise ValueError(f"cultures must be 'all' or a list of culture names, got {self.cultures!r}")
+            raise UsageError(f"cultures must be 'all' or a list of culture names, got {self.cultures!r}")
         unknown = [c for c in self.cultures if c not in CULTURES]
         if unknown:
-            raise ValueError(f"unknown culture(s) {unknown}: expected some of {CULTURES}")
+            raise UsageError(f"unknown culture(s) {unknown}: expected some of {CULTURES}")
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown or not self.tasks:
-            raise ValueError(f"tasks must be a non-empty list from {TASKS}, got {self.tasks!r}")
+            raise UsageError(f"tasks must be a non-empty list from {TASKS}, got {self.tasks!r}")
         if any("{culture}" not in q for q in self.broad_queries):
-            raise ValueError(f"every broad query needs a {{culture}} slot, got {self.broad_queries!r}")
+            raise UsageError(f"every broad query needs a {{culture}} slot, got {self.broad_queries!r}")
         if self.llm.backend == "offline" and not (self.retrieval.backend == "bm25" and self.retrieval.corpus == "bundled"):
-            raise ValueError("the offline llm backend writes samples from the bundled norms, so it needs "
+            raise UsageError("the offline llm backend writes samples from the bundled norms, so it needs "
                              "retrieval: {backend: bm25, corpus: bundled}")
 
     def fingerprint(self) -> dict:
@@ -165,7 +166,7 @@ def load_config(path=None, **overrides) -> SynthConfig:
             raise FileNotFoundError(f"synth config {path} not found")
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         if not isinstance(raw, dict):
-            raise ValueError(f"{path}: expected a mapping of config keys")
+            raise UsageError(f"{path}: expected a mapping of config keys")
         base, source = path.parent, str(path)
     raw.update({k: v for k, v in overrides.items() if v is not None})
     cfg = from_mapping(SynthConfig, raw, source)

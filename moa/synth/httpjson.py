@@ -12,8 +12,10 @@ import time
 import urllib.error
 import urllib.request
 
+from moa.errors import UsageError
 
-class HttpError(RuntimeError):
+
+class HttpError(UsageError):
     """A request that failed for good; `status` is the last HTTP status (None for network errors)."""
 
     def __init__(self, message: str, status: int | None = None):
@@ -25,7 +27,7 @@ class HttpClient:
     def __init__(self, timeout_s: float = 30.0, max_retries: int = 3, backoff_s: float = 1.0,
                  max_backoff_s: float = 60.0, requests_per_minute: float | None = None, sleep=time.sleep):
         if timeout_s <= 0 or max_retries < 0 or backoff_s < 0:
-            raise ValueError(f"need timeout_s > 0, max_retries >= 0, backoff_s >= 0; got {timeout_s}, "
+            raise UsageError(f"need timeout_s > 0, max_retries >= 0, backoff_s >= 0; got {timeout_s}, "
                              f"{max_retries}, {backoff_s}")
         self.timeout_s, self.max_retries = timeout_s, max_retries
         self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
@@ -51,7 +53,7 @@ class HttpClient:
 
     def request_json(self, method: str, url: str, body=None, headers: dict | None = None):
         """Send `body` as JSON (if given) and return the decoded JSON reply."""
-        data = json.dumps(body).encode() if body is not None else None
+        data = json.dumps(body, allow_nan=False).encode() if body is not None else None
         all_headers = {"Accept": "application/json", **({"Content-Type": "application/json"} if data else {}),
                        **(headers or {})}
         last = "no attempt made"

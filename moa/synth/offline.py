@@ -16,6 +16,7 @@ import json
 import random
 
 from moa.data import norms
+from moa.errors import UsageError
 from moa.synth.backends import Backend
 from moa.synth.prompting import SynthRequest
 
@@ -45,7 +46,7 @@ class OfflineBackend(Backend):
 
     def __init__(self, seed: int = 0, cue_free_share: float = 0.15):
         if not 0 <= cue_free_share <= 1:
-            raise ValueError(f"cue_free_share must be within [0, 1], got {cue_free_share}")
+            raise UsageError(f"cue_free_share must be within [0, 1], got {cue_free_share}")
         self.seed, self.cue_free_share = seed, cue_free_share
         self.questions = {q.id: q for q in norms.questions()}
         self.taboos = {t.id: t for t in norms.taboos()}

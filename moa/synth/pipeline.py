@@ -26,6 +26,7 @@ from tqdm import tqdm
 from moa.atomic import atomic_file
 from moa.data import norms
 from moa.data.schema import CULTURES, TASKS, write_jsonl
+from moa.errors import UsageError
 from moa.synth.backends import Backend, BackendError, OpenAIBackend, TransformersBackend
 from moa.synth.cache import CallCache, cache_key
 from moa.synth.config import SynthConfig
@@ -61,7 +62,7 @@ def _unit(*parts) -> float:
 
 def _write_json(path: Path, obj) -> None:
     with atomic_file(path) as f:
-        json.dump(obj, f, ensure_ascii=False, indent=1)
+        json.dump(obj, f, ensure_ascii=False, indent=1, allow_nan=False)
 
 
 def make_backend(llm, seed: int = 0) -> Backend:
@@ -73,7 +74,7 @@ def make_backend(llm, seed: int = 0) -> Backend:
         return OpenAIBackend(**options)
     if llm.backend == "transformers":
         return TransformersBackend(**options)
-    raise ValueError(f"unknown llm backend {llm.backend!r}: expected 'offline', 'openai' or 'transformers'")
+    raise UsageError(f"unknown llm backend {llm.backend!r}: expected 'offline', 'openai' or 'transformers'")
 
 
 class Caller:
@@ -96,8 +97,8 @@ class Caller:
         except BackendError as e:
             self.errors_in_a_row += 1
             if self.errors_in_a_row >= self.max_errors:
-                raise RuntimeError(f"stopping after {self.errors_in_a_row} failed LLM calls in a row "
-                                   f"(finished jobs are kept; rerun to resume). Last error: {e}") from None
+                raise UsageError(f"stopping after {self.errors_in_a_row} failed LLM calls in a row "
+                                 f"(finished jobs are kept; rerun to resume). Last error: {e}") from None
             raise
         self.errors_in_a_row = 0
         if self.cache is not None:
@@ -231,7 +232,7 @@ def _prepare_output(cfg: SynthConfig, fresh: bool) -> Path:
     fingerprint = json.loads(json.dumps(cfg.fingerprint(), default=str))
     if state.exists():
         if json.loads(state.read_text(encoding="utf-8")) != fingerprint:
-            raise ValueError(f"{cfg.output_dir} holds a run made with a different config; pass --fresh to "
+            raise UsageError(f"{cfg.output_dir} holds a run made with a different config; pass --fresh to "
                              f"start over or choose another --output-dir")
     else:
         _write_json(state, fingerprint)

@@ -11,6 +11,7 @@ from dataclasses import asdict
 
 from moa.data import norms
 from moa.data.schema import DataError, json_lines
+from moa.errors import UsageError
 from moa.synth.bm25 import BM25
 from moa.synth.httpjson import HttpClient
 
@@ -82,7 +83,7 @@ class SearxngRetriever(Retriever):
     def __init__(self, base_url: str, timeout_s: float = 10.0, max_retries: int = 3,
                  requests_per_minute: float | None = 30, language: str = "en", client: HttpClient | None = None):
         if not base_url.startswith(("http://", "https://")):
-            raise ValueError(f"searxng base_url must start with http:// or https://, got {base_url!r}")
+            raise UsageError(f"searxng base_url must start with http:// or https://, got {base_url!r}")
         self.base_url = base_url.rstrip("/")
         self.language = language
         self.client = client or HttpClient(timeout_s=timeout_s, max_retries=max_retries,
@@ -93,7 +94,7 @@ class SearxngRetriever(Retriever):
         reply = self.client.request_json("GET", f"{self.base_url}/search?{params}")
         results = reply.get("results") if isinstance(reply, dict) else None
         if not isinstance(results, list):
-            raise ValueError(f"searxng reply from {self.base_url} has no 'results' list: {str(reply)[:200]}")
+            raise UsageError(f"searxng reply from {self.base_url} has no 'results' list: {str(reply)[:200]}")
         docs = []
         for result in results:
             if not isinstance(result, dict) or not result.get("url") or not result.get("content"):
@@ -115,7 +116,7 @@ def make_retriever(retrieval) -> Retriever:
         return LocalRetriever(**options)
     if retrieval.backend == "searxng":
         return SearxngRetriever(**options)
-    raise ValueError(f"unknown retrieval backend {retrieval.backend!r}: expected 'bm25' or 'searxng'")
+    raise UsageError(f"unknown retrieval backend {retrieval.backend!r}: expected 'bm25' or 'searxng'")
 
 
 def recall_at_k(retriever: Retriever, labelled: list[dict], k: int = 5) -> float:

@@ -8,6 +8,7 @@ import yaml
 
 from moa.config import from_mapping
 from moa.data.schema import LABELS, TASKS
+from moa.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -30,18 +31,18 @@ def load_task(path) -> TaskSpec:
         raise FileNotFoundError(f"task spec {path} not found")
     spec = from_mapping(TaskSpec, yaml.safe_load(path.read_text(encoding="utf-8")), str(path))
     if spec.name not in TASKS:
-        raise ValueError(f"{path}: unknown task {spec.name!r}: expected one of {TASKS}")
+        raise UsageError(f"{path}: unknown task {spec.name!r}: expected one of {TASKS}")
     if spec.labels != LABELS.get(spec.name):
-        raise ValueError(f"{path}: labels {spec.labels!r} must be {LABELS.get(spec.name)!r} (moa.data.LABELS)")
+        raise UsageError(f"{path}: labels {spec.labels!r} must be {LABELS.get(spec.name)!r} (moa.data.LABELS)")
     if not spec.queries or any("{culture}" not in q for q in spec.queries):
-        raise ValueError(f"{path}: every query template needs a {{culture}} slot, got {spec.queries!r}")
+        raise UsageError(f"{path}: every query template needs a {{culture}} slot, got {spec.queries!r}")
     for example in spec.examples:
         if set(example) != {"prompt", "response"}:
-            raise ValueError(f"{path}: example {example!r} must have exactly prompt and response")
+            raise UsageError(f"{path}: example {example!r} must have exactly prompt and response")
         if spec.labels and example["response"] not in spec.labels:
-            raise ValueError(f"{path}: example response {example['response']!r} is not one of {spec.labels}")
+            raise UsageError(f"{path}: example response {example['response']!r} is not one of {spec.labels}")
         if len(example["prompt"].encode()) > spec.max_prompt_bytes:
-            raise ValueError(f"{path}: example prompt is longer than max_prompt_bytes={spec.max_prompt_bytes}")
+            raise UsageError(f"{path}: example prompt is longer than max_prompt_bytes={spec.max_prompt_bytes}")
     return spec
 
 
