@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from moa.atomic import atomic_file
+from moa.errors import UsageError
 
 
 class MetricsLog:
-    """Appends metrics rows to `path` (JSONL). On resume, rows past the checkpoint's step are dropped first."""
+    """Appends metrics rows to `path` (JSONL). On resume, rows past the checkpoint's step, and a last
+    line cut off by a kill mid-append, are dropped first."""
 
     def __init__(self, path: str | Path, tensorboard_dir: str | Path | None = None, resume_step: int | None = None):
         self.path = Path(path)
@@ -25,16 +28,28 @@ class MetricsLog:
 
     def truncate_after(self, step: int):
         """Keep only rows with step <= `step` (rows a killed run logged after its last checkpoint go)."""
-        rows = self.rows() if self.path.exists() else []
+        rows = self.rows(drop_partial=True) if self.path.exists() else []
         with atomic_file(self.path) as f:
-            f.write("".join(json.dumps(r) + "\n" for r in rows if r["step"] <= step))
+            f.write("".join(json.dumps(r, allow_nan=False) + "\n" for r in rows if r["step"] <= step))
 
-    def rows(self) -> list[dict]:
-        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+    def rows(self, drop_partial: bool = False) -> list[dict]:
+        """The rows; with `drop_partial`, a last line that is not complete JSON (a kill mid-append) is left out."""
+        lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+        rows = []
+        for number, line in enumerate(lines, 1):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                if drop_partial and number == len(lines):
+                    print(f"warning: {self.path}: dropped the cut-off last line {number} ({err})", file=sys.stderr)
+                    break
+                raise UsageError(f"{self.path}: line {number} is not valid JSON ({err}): expected one JSON row "
+                                 f"per line") from None
+        return rows
 
     def log(self, row: dict):
         with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+            f.write(json.dumps(row, allow_nan=False) + "\n")
         if self.writer is not None:
             prefix = "eval/" if row.get("kind") == "eval" else "train/"
             for key, value in row.items():

@@ -1,7 +1,7 @@
 """Learning rate over the stages: per stage a linear warmup to its peak, then cosine/linear/constant decay.
 
 `StageSchedule` is handed to DeepSpeed as the LR scheduler, so it is stepped after every optimizer
-step and saved in (and restored from) the DeepSpeed checkpoint.
+step; its state (the step count) is saved in a checkpoint's trainer_state.json (see checkpoint.py).
 """
 from __future__ import annotations
 

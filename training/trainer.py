@@ -6,7 +6,8 @@ single process is a world of one, so there is one code path. Output directory:
     OUT/train_config.json     the resolved config
     OUT/metrics.jsonl         one line per logged step and per validation pass
     OUT/metrics.png           the curves, drawn at the end
-    OUT/checkpoints/step_N/   DeepSpeed state + adapters/ (resume with --resume)
+    OUT/checkpoints/step_N/   weights, Adam state, schedule as safetensors + JSON (resume with --resume, on any
+                              number of processes; see checkpoint.py)
     OUT/final/                adapters and routers (safetensors), moa_config.json, base_model.json
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ from moa.data import IGNORE_INDEX, padding_id
 from moa.layers import MoALinear
 from moa.model import MoAForCausalLM
 from moa.routing import TokenRouter
-from .checkpoint import export_adapters, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import export_adapters, latest_usable_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import StageData, micro_batches
 from .losses import loss_and_stats, summarize
@@ -162,10 +163,12 @@ class Trainer:
         data = self.stage_data[stage_index]
         lr = self.scheduler.get_last_lr()[0]
         indices = data.global_batch(config.seed, stage_index, step, config.batch.global_batch_size, config.batch.sampling)
-        torch.manual_seed(config.seed * 1_000_003 + step * self.world + self.rank)  # dropout: a function of the step
+        slots = config.batch.global_batch_size // config.batch.micro_batch_size
         start = time.perf_counter()
         stats, seen = None, 0
-        for micro in micro_batches(indices, config.batch.micro_batch_size, self.rank, self.world):
+        for i, micro in enumerate(micro_batches(indices, config.batch.micro_batch_size, self.rank, self.world)):
+            # dropout: a function of (seed, step, micro-batch slot of the global batch), whatever the world size
+            torch.manual_seed((config.seed * 1_000_003 + step) * slots + i * self.world + self.rank)
             batch = self._batch(data, micro)
             loss, micro_stats = self._forward(batch)
             self.engine.backward(loss)
@@ -214,11 +217,11 @@ class Trainer:
         checkpoints = out / "checkpoints"
         start = 0
         if self.resume:
-            found = latest_checkpoint(checkpoints)
+            found = latest_usable_checkpoint(self.engine, checkpoints)
             if found is not None:
-                start = load_checkpoint(self.engine, found[1])
+                start = load_checkpoint(self.engine, self.scheduler, found[1])
                 if self.rank == 0:
-                    print(f"resumed from {found[1]} at step {start}")
+                    print(f"resumed from {found[0]} at step {start}")
             elif self.rank == 0:
                 print(f"--resume: no complete checkpoint in {checkpoints}, starting from step 0")
         log = None
@@ -241,7 +244,7 @@ class Trainer:
                 if eval_row is not None and log is not None:
                     log.log(eval_row)
             if done % config.save_interval == 0 or done == self.end_step:
-                save_checkpoint(self.engine, checkpoints, done, config.model, config.keep_checkpoints,
+                save_checkpoint(self.engine, self.scheduler, checkpoints, done, config.model, config.keep_checkpoints,
                                 {"stage": row["stage"], "world_size": self.world})
         bar.close()
         export_adapters(self.engine, out / "final", config.model)
