@@ -31,7 +31,10 @@ setup(
         "tqdm>=4.66,<4.71",
         "matplotlib>=3.8,<3.12",
         "numpy>=1.26.4,<2.5",
+        "starlette>=1.10,<1.11",  # moa serve: the HTTP app
+        "uvicorn>=0.55,<0.56",  # moa serve: the HTTP server
+        "httpx2>=2.16.2,<2.17",  # moa serve --upstream: the client that forwards to the upstream server
     ],
-    extras_require={"dev": ["pytest>=8.2,<9.3"], "tensorboard": ["tensorboard"]},
+    extras_require={"dev": ["pytest>=8.2,<9.3", "openai>=3.57,<3.58"], "tensorboard": ["tensorboard"]},
     entry_points={"console_scripts": ["moa=moa.cli:main"]},
 )

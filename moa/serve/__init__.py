@@ -1,0 +1,1 @@
+"""Serving a saved MoA run: the continuous-batching engine (engine.py), the OpenAI-compatible HTTP app (app.py), the router front for an upstream server (front.py) and the `moa serve` verb (cli.py)."""

@@ -1,0 +1,110 @@
+"""The router front of `moa serve --upstream URL`: route each request here, generate upstream.
+
+Only the router runs in this process: `model.route_sequences` reads the token embeddings and the
+per-layer gates, no decoder layer. A request for `auto` gets the culture the router picks for its
+prompt (tokenized as `moa serve` does); a request naming a culture (or `base`) keeps it. The body is
+forwarded unchanged but for `model` to the same path under URL, any OpenAI-compatible server that
+serves each culture under its name; its answer comes back as it is, a stream chunk by chunk, with
+`"moa": {"culture", "router_confidence"}` added to the response or to the stream's first chunk.
+Upstream failures become OpenAI-style errors: unreachable 503, timed out 504, a 5xx or a broken
+answer 502. Upstream 4xx answers (the client's errors, 429 included) pass through.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+
+import httpx2
+import torch
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from moa.serve.app import ApiError, check_model, dumps, models_response, prompt_ids, read_json
+
+
+def create_front(model, tokenizer, upstream: str, *, timeout_s: float = 60.0, max_body_bytes: int = 1 << 20) -> Starlette:
+    """The Starlette app routing requests with `model`'s router and forwarding them to `upstream`."""
+    cultures = list(model.config.cultures)
+    upstream = upstream.rstrip("/").removesuffix("/v1")
+    client = httpx2.AsyncClient(timeout=timeout_s)
+
+    def route(body: dict, chat: bool) -> dict:
+        """The request's culture and the router's confidence in it (None for a culture named by the request)."""
+        name = check_model(body, cultures)
+        if name != "auto":
+            return {"culture": name, "router_confidence": None}
+        ids, _ = prompt_ids(body, chat, tokenizer)
+        culture, confidence = model.route_sequences(torch.tensor([ids], device=model.device))
+        return {"culture": cultures[int(culture[0])], "router_confidence": float(confidence[0])}
+
+    def upstream_error(e: Exception) -> ApiError:
+        if isinstance(e, (httpx2.ConnectError, httpx2.ConnectTimeout)):
+            return ApiError(503, f"upstream {upstream} is not reachable: {type(e).__name__}: {e}")
+        if isinstance(e, httpx2.TimeoutException):
+            return ApiError(504, f"upstream {upstream} did not answer within {timeout_s}s ({type(e).__name__})")
+        return ApiError(502, f"upstream {upstream} failed: {type(e).__name__}: {e}")
+
+    async def passthrough(answer: httpx2.Response, moa: dict):
+        """The upstream's event stream line by line, `moa` added to its first data chunk."""
+        first = True
+        try:
+            async for line in answer.aiter_lines():
+                if first and line.startswith("data: {"):
+                    line = "data: " + dumps({**json.loads(line[len("data: "):]), "moa": moa})
+                    first = False
+                yield line + "\n"
+        except httpx2.HTTPError as e:
+            yield f"data: {dumps(upstream_error(e).body())}\n\n"
+        finally:
+            await answer.aclose()
+
+    def endpoint(chat: bool, path: str):
+        async def handle(request):
+            try:
+                body = await read_json(request, max_body_bytes)
+                moa = route(body, chat)
+                outgoing = client.build_request("POST", upstream + path, json={**body, "model": moa["culture"]})
+                try:
+                    answer = await client.send(outgoing, stream=True)
+                except httpx2.HTTPError as e:
+                    raise upstream_error(e) from None
+                if answer.status_code >= 500:
+                    text = (await answer.aread()).decode(errors="replace")[:500]
+                    await answer.aclose()
+                    raise ApiError(502, f"upstream {upstream} answered {answer.status_code}: {text}")
+            except ApiError as e:
+                return e.response()
+            if answer.status_code >= 400:
+                content = await answer.aread()
+                await answer.aclose()
+                headers = {k: v for k, v in answer.headers.items() if k.lower() == "retry-after"}
+                return Response(content, status_code=answer.status_code, headers=headers,
+                                media_type=answer.headers.get("content-type"))
+            if body.get("stream") is True:
+                return StreamingResponse(passthrough(answer, moa), media_type="text/event-stream")
+            try:
+                result = json.loads(await answer.aread())
+            except (httpx2.HTTPError, ValueError) as e:
+                return upstream_error(e).response()
+            finally:
+                await answer.aclose()
+            return JSONResponse({**result, "moa": moa})
+
+        return handle
+
+    async def models(request):
+        return models_response(cultures)
+
+    async def health(request):
+        return JSONResponse({"status": "ok", "upstream": upstream})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        await client.aclose()
+
+    return Starlette(routes=[Route("/v1/models", models), Route("/health", health),
+                             Route("/v1/completions", endpoint(False, "/v1/completions"), methods=["POST"]),
+                             Route("/v1/chat/completions", endpoint(True, "/v1/chat/completions"), methods=["POST"])],
+                     lifespan=lifespan)

@@ -1,0 +1,260 @@
+"""The serving engine: continuous batching equals `moa generate` and each request run alone; cancel,
+queue, cache bound and shutdown behave as the HTTP server relies on."""
+import threading
+import time
+
+import pytest
+import torch
+from helpers import fresh_base, randomize_adapters
+
+import moa
+from moa.data import encode_prompt
+from moa.infer import generate_rows
+from moa.serve.engine import Engine, QueueFull, Request, SamplingParams
+from moa.tiny import byte_tokenizer
+
+CULTURES = ["japan", "india", "nigeria"]
+PROMPTS = ["Tea?", "What do people eat for breakfast here?", "Greet an elder.", "How is a guest welcomed at home?",
+           "Gifts", "Which hand do you eat with at a shared meal?"]
+TINY = {"family": "llama", "vocab_size": 131}  # byte ids 3..130: every token decodes to visible ASCII
+
+
+@pytest.fixture(scope="module")
+def model():
+    model = moa.MoAForCausalLM.from_base(fresh_base(**TINY), moa.MoAConfig(cultures=CULTURES, r=4, alpha=8)).eval()
+    randomize_adapters(model, std=0.2, seed=1)
+    return model
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return byte_tokenizer()
+
+
+class Collector:
+    """Events of several requests, by key; `wait` until every submitted request is done."""
+
+    def __init__(self):
+        self.events, self.lock, self.open = {}, threading.Lock(), 0
+        self.all_done = threading.Event()
+
+    def callback(self, key):
+        with self.lock:
+            self.events[key], self.open = [], self.open + 1
+            self.all_done.clear()
+
+        def on_event(event):
+            with self.lock:
+                self.events[key].append(event)
+                if event.kind == "done":
+                    self.open -= 1
+                    if self.open == 0:
+                        self.all_done.set()
+        return on_event
+
+    def wait(self, timeout=60):
+        assert self.all_done.wait(timeout), "requests did not finish"
+
+    def tokens(self, key):
+        return [e.token_id for e in self.events[key] if e.kind == "token"]
+
+    def text(self, key):
+        return "".join(e.text for e in self.events[key] if e.kind == "token")
+
+    def routed(self, key):
+        return next(e for e in self.events[key] if e.kind == "routed")
+
+    def finish(self, key):
+        return self.events[key][-1].finish_reason
+
+
+def greedy(max_tokens, **kw):
+    return SamplingParams(max_tokens=max_tokens, temperature=0, **kw)
+
+
+def run(engine, requests, gap_s=0.0):
+    """Submit (key, Request) pairs `gap_s` apart to a started engine; the collector once all are done."""
+    got = Collector()
+    for key, request in requests:
+        engine.submit(request, got.callback(key))
+        time.sleep(gap_s)
+    got.wait()
+    return got
+
+
+def run_alone(model, tokenizer, request):
+    engine = Engine(model, tokenizer, max_batch_size=1)
+    engine.start()
+    got = run(engine, [(0, request)])
+    assert engine.shutdown(10)
+    return got.tokens(0), got.routed(0).culture
+
+
+def assert_same_or_near_tie(model, request, culture, tokens, alone):
+    """Equal greedy tokens; where they differ, the alone run's top-2 logits are within 1e-3 there."""
+    if tokens == alone:
+        return
+    first = next(i for i, (a, b) in enumerate(zip(tokens, alone)) if a != b)
+    ids = torch.tensor([request.prompt_ids + alone[:first]])
+    culture_id = -1 if culture == "base" else CULTURES.index(culture)
+    with torch.no_grad():
+        logits = model(input_ids=ids, culture_ids=[culture_id], routing="oracle").logits[0, -1]
+    top = logits.topk(2).values
+    assert float(top[0] - top[1]) < 1e-3, f"tokens differ at {first} without a near tie: {tokens} vs {alone}"
+
+
+def test_greedy_equals_generate_rows(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch_size=4, prefill_chunk=8)
+    engine.start()
+    oracle = [{"prompt": p, "culture": CULTURES[i % 3]} for i, p in enumerate(PROMPTS)]
+    requests = [(("oracle", i), Request(encode_prompt(tokenizer, row["prompt"]), row["culture"], greedy(12)))
+                for i, row in enumerate(oracle)]
+    requests += [(("auto", i), Request(encode_prompt(tokenizer, p), "auto", greedy(12))) for i, p in enumerate(PROMPTS)]
+    got = run(engine, requests, gap_s=0.005)  # later requests join a batch already decoding
+    assert engine.shutdown(10)
+    expected = {"oracle": generate_rows(model, tokenizer, oracle, routing="oracle", max_new_tokens=12),
+                "auto": generate_rows(model, tokenizer, [{"prompt": p} for p in PROMPTS], routing="prompt",
+                                      max_new_tokens=12)}
+    for (mode, i), _ in requests:
+        row = expected[mode][i]
+        assert got.text((mode, i)) == row["text"]
+        assert len(got.tokens((mode, i))) == row["new_tokens"]  # EOS included, as generate_rows counts it
+        assert got.finish((mode, i)) == ("length" if row["new_tokens"] == 12 else "stop")
+        assert got.routed((mode, i)).culture == row["routed_culture"]
+        assert got.routed((mode, i)).router_confidence == pytest.approx(row["router_confidence"], abs=1e-5)
+    assert engine.stats()["steps"] < 2 * 12 * len(PROMPTS)  # requests decoded together, not one by one
+
+
+def test_base_is_the_model_without_adapters(model, tokenizer):
+    engine = Engine(model, tokenizer)
+    engine.start()
+    prompt = encode_prompt(tokenizer, PROMPTS[1])
+    got = run(engine, [("base", Request(prompt, "base", greedy(10))), ("japan", Request(prompt, "japan", greedy(10)))])
+    assert engine.shutdown(10)
+    ids = torch.tensor([prompt])
+    plain = model.base_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
+                                      do_sample=False, pad_token_id=0)[0, len(prompt):].tolist()
+    assert got.tokens("base") == plain and got.routed("base").culture == "base"
+    assert got.tokens("japan") != plain  # the adapters change the output: the base row really ran without one
+    assert engine.stats()["per_culture"]["base"] == {"requests": 1, "tokens": 10}
+
+
+def test_concurrent_requests_each_equal_alone(model, tokenizer):
+    names = CULTURES + ["auto", "base"]
+    requests = [(i, Request(encode_prompt(tokenizer, PROMPTS[i % len(PROMPTS)] * (1 + i % 3)), names[i % len(names)],
+                            greedy(4 + 3 * (i % 5)))) for i in range(15)]
+    engine = Engine(model, tokenizer, max_batch_size=6, prefill_chunk=16)
+    engine.start()
+    got = run(engine, requests, gap_s=0.002)
+    assert engine.shutdown(10)
+    for key, request in requests:
+        alone, culture = run_alone(model, tokenizer, request)
+        assert got.routed(key).culture == culture
+        assert len(got.tokens(key)) == request.params.max_tokens
+        assert_same_or_near_tie(model, request, culture, got.tokens(key), alone)
+    stats = engine.stats()
+    assert sum(c["requests"] for c in stats["per_culture"].values()) == len(requests)
+    assert stats["finished"]["length"] == len(requests) and len(stats["ttft_s"]) == len(requests)
+
+
+def test_sampling_is_seeded_and_stop_strings_cut(model, tokenizer):
+    engine = Engine(model, tokenizer)
+    engine.start()
+    prompt = encode_prompt(tokenizer, PROMPTS[3])
+    sampled = SamplingParams(max_tokens=16, temperature=1.5, top_p=0.9, seed=7)
+    got = run(engine, [(k, Request(prompt, "india", sampled)) for k in ("a", "b")]
+              + [("c", Request(prompt, "india", SamplingParams(max_tokens=16, temperature=1.5, seed=8))),
+                 ("greedy", Request(prompt, "india", greedy(16)))])
+    assert got.tokens("a") == got.tokens("b") != got.tokens("c")
+    full = got.text("greedy")
+    stop = full[5:7]
+    cut = run(engine, [("stop", Request(prompt, "india", greedy(16, stop=("\x7f\x7f", stop))))])
+    assert engine.shutdown(10)
+    assert cut.text("stop") == full[:full.index(stop)] and cut.finish("stop") == "stop"
+
+
+def test_cancel_leaves_at_the_next_step(model, tokenizer):
+    engine = Engine(model, tokenizer)
+    got = Collector()
+    handles = {}
+
+    def cancel_after_three(event):
+        on_event(event)
+        if event.kind == "token" and len(got.tokens("cancelled")) == 3:
+            handles["cancelled"].cancel()
+            got.steps_at_cancel = engine.stats()["steps"]
+
+    on_event = got.callback("cancelled")
+    handles["cancelled"] = engine.submit(Request(encode_prompt(tokenizer, PROMPTS[0]), "japan", greedy(50)),
+                                         cancel_after_three)
+    engine.submit(Request(encode_prompt(tokenizer, PROMPTS[1]), "india", greedy(20)), got.callback("other"))
+    engine.start()
+    got.wait()
+    assert engine.shutdown(10)
+    assert got.tokens("cancelled") and len(got.tokens("cancelled")) == 3 and got.finish("cancelled") == "cancelled"
+    assert len(got.tokens("other")) == 20 and got.finish("other") == "length"
+    stats = engine.stats()
+    assert stats["finished"]["cancelled"] == 1 and stats["running"] == 0
+    # the step after the cancel ran without the row: the other request kept decoding
+    assert stats["steps"] > got.steps_at_cancel
+
+
+def test_queue_full_and_bad_requests(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch_size=1, max_queue=2)
+    prompt = encode_prompt(tokenizer, PROMPTS[0])
+    got = Collector()
+    for key in range(2):
+        engine.submit(Request(prompt, "japan", greedy(4)), got.callback(key))
+    with pytest.raises(QueueFull) as full:
+        engine.submit(Request(prompt, "japan", greedy(4)), got.callback("rejected"))
+    assert full.value.retry_after_s > 0 and engine.stats()["queue_depth"] == 2
+    for request, field in ((Request(prompt, "france", greedy(4)), "model"),
+                           (Request(prompt, "japan", greedy(engine.context_length)), "max_tokens"),
+                           (Request([], "japan", greedy(4)), "prompt_ids"),
+                           (Request(prompt, "japan", SamplingParams(max_tokens=4, top_p=0)), "top_p")):
+        with pytest.raises(ValueError, match=field):
+            engine.submit(request, got.callback("bad"))
+    engine.start()
+    got.events.pop("rejected"), got.events.pop("bad")
+    got.open = 2
+    got.wait()
+    assert engine.shutdown(10)
+    assert [got.finish(key) for key in range(2)] == ["length", "length"]
+
+
+def test_cache_bound_is_respected(model, tokenizer):
+    requests = [(i, Request(encode_prompt(tokenizer, PROMPTS[i % len(PROMPTS)]), CULTURES[i % 3], greedy(8)))
+                for i in range(9)]
+    longest = max(len(r.prompt_ids) + r.params.max_tokens for _, r in requests)
+    engine = Engine(model, tokenizer, max_batch_size=8, max_cache_tokens=3 * longest)
+    engine.start()
+    seen = []
+    got = Collector()
+    for key, request in requests:
+        engine.submit(request, got.callback(key))
+    while not got.all_done.wait(0.002):
+        stats = engine.stats()
+        seen.append(stats["running"] + stats["prefilling"])
+    assert engine.shutdown(10)
+    stats = engine.stats()
+    assert 0 < stats["peak_cache_tokens"] <= 3 * longest and max(seen) <= 3
+    assert all(len(got.tokens(key)) == 8 for key, _ in requests)
+    with pytest.raises(ValueError, match="max_cache_tokens"):
+        engine.submit(Request([5] * (3 * longest), "japan", greedy(8)), got.callback("big"))
+
+
+def test_shutdown_lets_running_requests_finish(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch_size=2)
+    engine.start()
+    got = Collector()
+    for i in range(4):
+        engine.submit(Request(encode_prompt(tokenizer, PROMPTS[i]), CULTURES[i % 3], greedy(10)), got.callback(i))
+    assert engine.shutdown(30)
+    assert all(got.finish(i) == "length" and len(got.tokens(i)) == 10 for i in range(4))
+    with pytest.raises(RuntimeError, match="shutting down"):
+        engine.submit(Request([5], "japan", greedy(1)), got.callback("late"))
+    short = Engine(model, tokenizer)
+    short.start()
+    short.submit(Request(encode_prompt(tokenizer, PROMPTS[0]), "japan", greedy(1000)), got.callback("long"))
+    assert not short.shutdown(0.2)  # past the timeout the request is ended, not left hanging
+    assert got.finish("long") == "error" and "shut down" in got.events["long"][-1].message
