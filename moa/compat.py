@@ -2,7 +2,7 @@
 
 moa reaches past transformers' public API in a few spots: the keyword that carries the KV cache
 into decoder layers (and names it in model outputs), the cache object the router keeps its
-running sums on, the attention mask a forward receives, the list of decoder layers, and how
+running sums on, the per-layer key and value tensors the serving engine merges and trims, the attention mask a forward receives, the list of decoder layers, and how
 activation checkpointing is switched on. Each is read here and nowhere else, so a rename upstream
 is a change to this file. Where an internal is not what moa expects, `CompatError` says what was
 expected and which transformers version was found; nothing falls back silently.
@@ -69,6 +69,28 @@ def output_cache(output):
 def cache_kwargs(cache) -> dict:
     """Keyword arguments that pass a KV cache into a transformers model's forward."""
     return {CACHE_KEYWORD: cache}
+
+
+def new_kv_cache(config):
+    """An empty DynamicCache for a model of `config` whose per-layer key and value tensors
+    ([batch, heads, seq, head_dim]) `map_kv` may rewrite: every layer must be a plain full-attention layer."""
+    cache = transformers.DynamicCache(config=config)
+    kinds = {type(layer).__name__ for layer in getattr(cache, "layers", [None])}
+    if kinds != {"DynamicLayer"}:
+        raise CompatError(f"expected a DynamicCache of full-attention DynamicLayer layers for {config.model_type}, "
+                          f"found layers {sorted(kinds)}")
+    return cache
+
+
+def map_kv(cache, fn, other=None) -> None:
+    """Replace every layer's key and value tensors of a `new_kv_cache` cache by fn(tensor), or, given
+    `other` (a cache of the same model), by fn(tensor, the same tensor of `other`)."""
+    pairs = zip(cache.layers, other.layers) if other is not None else ((layer, None) for layer in cache.layers)
+    for layer, theirs in pairs:
+        if theirs is None:
+            layer.keys, layer.values = fn(layer.keys), fn(layer.values)
+        else:
+            layer.keys, layer.values = fn(layer.keys, theirs.keys), fn(layer.values, theirs.values)
 
 
 def forward_attention_mask(kwargs: dict) -> torch.Tensor | None:

@@ -3,6 +3,7 @@ import copy
 
 import pytest
 import torch
+import transformers
 from helpers import fresh_base, randomize_adapters
 
 import moa
@@ -92,3 +93,23 @@ def test_decoder_layer_wrapper_passes_through_only_what_models_read(base):
     assert not hasattr(wrapper, "framework_state")
     wrapper.layer.attention_type = "full_attention"
     assert wrapper.attention_type == "full_attention"
+
+
+def test_kv_cache_the_engine_merges():
+    """The serving engine's cache: full-attention layers whose tensors map_kv rewrites; a sliding-window
+    model is refused by name rather than batched wrongly."""
+    llama = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     num_key_value_heads=2, vocab_size=100)
+    a, b = compat.new_kv_cache(llama), compat.new_kv_cache(llama)
+    for cache, batch in ((a, 1), (b, 2)):
+        for layer in range(2):
+            kv = torch.full((batch, 2, 3, 8), float(batch))
+            cache.update(kv, kv, layer)
+    compat.map_kv(a, lambda mine, theirs: torch.cat([mine, theirs]), other=b)
+    assert a.get_seq_length(0) == 3 and a.layers[1].keys[:, 0, 0, 0].tolist() == [1.0, 2.0, 2.0]
+    compat.map_kv(a, lambda tensor: tensor[1:, :, 1:])
+    assert a.get_seq_length(1) == 2 and a.layers[0].values.shape == (2, 2, 2, 8)
+    mistral = transformers.MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                         num_key_value_heads=2, vocab_size=100, sliding_window=16)
+    with pytest.raises(compat.CompatError, match="DynamicSlidingWindowLayer"):
+        compat.new_kv_cache(mistral)

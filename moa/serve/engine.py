@@ -42,8 +42,6 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from moa import compat
 from moa.infer.generate import eos_ids
@@ -131,10 +129,7 @@ class Engine:
         self.max_queue, self.prefill_chunk = max_queue, prefill_chunk
         self.cultures = list(model.config.cultures)
         self.context_length = int(model.base_model.config.max_position_embeddings)
-        layers = DynamicCache(config=model.base_model.config).layers
-        if any(type(layer) is not DynamicLayer for layer in layers):
-            raise ValueError(f"the engine batches full-attention KV caches only; this model's cache has layers "
-                             f"{sorted({type(layer).__name__ for layer in layers})}")
+        compat.new_kv_cache(model.base_model.config)  # the engine batches full-attention KV caches only
         self.eos = eos_ids(model, tokenizer)
         self._lock = threading.Condition()
         self._waiting: collections.deque[_Slot] = collections.deque()
@@ -323,7 +318,7 @@ class Engine:
             if slot.culture_id is None:
                 slot.culture_id = int(culture[0])
             slot.confidence = float(confidence[0])
-            slot.cache = DynamicCache(config=self.model.base_model.config)
+            slot.cache = compat.new_kv_cache(self.model.base_model.config)
         start = slot.prefilled
         end = min(len(prompt), start + budget)
         logits = self._forward(torch.tensor([prompt[start:end]], device=device),
@@ -362,9 +357,8 @@ class Engine:
                 self._cache, self._mask, self._culture_ids = cache, mask, [slot.culture_id]
             else:
                 width = max(self._mask.shape[1], length)
-                for layer, new in zip(self._cache.layers, cache.layers):
-                    layer.keys = torch.cat([_left_pad(layer.keys, width), _left_pad(new.keys, width)])
-                    layer.values = torch.cat([_left_pad(layer.values, width), _left_pad(new.values, width)])
+                compat.map_kv(self._cache, lambda mine, new: torch.cat([_left_pad(mine, width), _left_pad(new, width)]),
+                              other=cache)
                 self._mask = torch.cat([F.pad(self._mask, (width - self._mask.shape[1], 0)),
                                         F.pad(mask, (width - length, 0))])
                 self._culture_ids.append(slot.culture_id)
@@ -385,8 +379,7 @@ class Engine:
                 mask = self._mask[index]
                 first = int(mask.any(0).nonzero()[0])  # columns left of it are padding in every row
                 self._mask, self._culture_ids = mask[:, first:], [self._culture_ids[row] for row in keep]
-                for layer in self._cache.layers:
-                    layer.keys, layer.values = layer.keys[index, :, first:], layer.values[index, :, first:]
+                compat.map_kv(self._cache, lambda tensor: tensor[index, :, first:])
 
     # ------------------------------------------------------------------ tokens and text
     def _sample(self, logits: torch.Tensor, slot: _Slot) -> int:
