@@ -276,6 +276,7 @@ def run(args) -> int:
         for run_index in range(args.runs):
             requests = make_requests(args, names, run_index)
             for system in systems:  # systems alternate within a run: a drift of the machine falls on all
+                print(f"[serve] {label}: run {run_index + 1}/{args.runs}, {system}", flush=True)
                 samples[system].append(run_system(system, model, args, requests, (kind, value)))
         for system in systems:
             runs = samples[system]
