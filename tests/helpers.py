@@ -6,6 +6,8 @@ import copy
 import torch
 from peft import LoraConfig, get_peft_model
 
+import moa
+from moa.config import BaseModelConfig
 from moa.tiny import tiny_model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -37,3 +39,15 @@ def randomize_adapters(model, std=0.05, seed=0):
 
 def fresh_base(family="llama", seed=0, **kw):
     return tiny_model(family, seed=seed, **kw)
+
+
+# byte ids 3..130 are ASCII: with this vocabulary every generated token decodes to one visible character
+TEXT_TINY = {"family": "llama", "vocab_size": 131}
+
+
+def save_text_run(path, cultures):
+    """A saved run on the TEXT_TINY base, its adapters large enough to change what each culture generates."""
+    model = moa.MoAForCausalLM.from_base(fresh_base(**TEXT_TINY), moa.MoAConfig(cultures=cultures, r=4, alpha=8))
+    randomize_adapters(model, std=0.2, seed=1)
+    model.save_pretrained(path, base_spec=BaseModelConfig(tiny=TEXT_TINY))
+    return path

@@ -2,10 +2,9 @@
 import json
 
 import pytest
-from helpers import fresh_base, randomize_adapters
+from helpers import TEXT_TINY, save_text_run
 
-import moa
-from moa.base_model import BaseModelConfig, load_moa
+from moa.base_model import load_moa
 from moa.cli import main
 from moa.infer import generate_rows
 
@@ -14,17 +13,12 @@ PROMPTS = ["Tea?", "What do people eat for breakfast here?", "Greet an elder.", 
            "Gifts", "Which hand do you eat with at a shared meal?"]
 
 
-# byte ids 3..130 are ASCII: with this vocabulary every generated token decodes to visible text
-TINY = {"family": "llama", "vocab_size": 131}
+TINY = TEXT_TINY
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    model = moa.MoAForCausalLM.from_base(fresh_base(**TINY), moa.MoAConfig(cultures=CULTURES, r=4, alpha=8))
-    randomize_adapters(model, std=0.2, seed=1)
-    path = tmp_path_factory.mktemp("run") / "run"
-    model.save_pretrained(path, base_spec=BaseModelConfig(tiny=TINY))
-    return path
+    return save_text_run(tmp_path_factory.mktemp("run") / "run", CULTURES)
 
 
 def write_prompts(path, rows):

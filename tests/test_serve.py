@@ -19,10 +19,9 @@ from urllib.parse import urlparse
 
 import pytest
 import torch
-from helpers import fresh_base, randomize_adapters
+from helpers import TEXT_TINY, save_text_run
 from openai import AsyncOpenAI, OpenAI
 
-import moa
 from moa.base_model import BaseModelConfig, load_base_model, load_moa
 from moa.data import encode_prompt
 from moa.infer import generate_rows
@@ -32,17 +31,13 @@ pytestmark = pytest.mark.slow  # every test here starts server processes
 CULTURES = ["japan", "india", "nigeria"]
 PROMPTS = ["Tea?", "What do people eat for breakfast here?", "Greet an elder.", "How is a guest welcomed at home?",
            "Gifts", "Which hand do you eat with at a shared meal?"]
-TINY = {"family": "llama", "vocab_size": 131}  # byte ids 3..130 are ASCII: every token decodes to one visible character
+TINY = TEXT_TINY
 LONG = ("Tell me everything.", "japan")  # greedy, this run's answer goes past 200 tokens without an EOS
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    model = moa.MoAForCausalLM.from_base(fresh_base(**TINY), moa.MoAConfig(cultures=CULTURES, r=4, alpha=8))
-    randomize_adapters(model, std=0.2, seed=1)
-    path = tmp_path_factory.mktemp("run") / "run"
-    model.save_pretrained(path, base_spec=BaseModelConfig(tiny=TINY))
-    return path
+    return save_text_run(tmp_path_factory.mktemp("run") / "run", CULTURES)
 
 
 @pytest.fixture(scope="module")

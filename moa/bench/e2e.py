@@ -14,7 +14,7 @@ import sys
 
 import torch  # peft, transformers and the model load in the functions that use them: `--help` stays fast
 
-from moa.bench.common import paired_ratio, print_table, stamp, time_interleaved, write_json
+from moa.bench.common import add_model_arguments, llama_base, paired_ratio, print_table, stamp, time_interleaved, write_json
 from moa.errors import UsageError
 
 PROVIDERS = ("base", "moa", "peft_single", "peft_mixed")
@@ -22,13 +22,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--hidden-size", type=int, default=1024)
-    parser.add_argument("--intermediate-size", type=int, default=2816)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--vocab", type=int, default=1000)
-    parser.add_argument("--cultures", type=int, default=10, help="number of culture adapters K")
-    parser.add_argument("--rank", type=int, default=16)
+    add_model_arguments(parser)
     parser.add_argument("--decode-batch", type=int, default=32)
     parser.add_argument("--decode-context", type=int, default=64, help="tokens already in the KV cache")
     parser.add_argument("--prefill-batch", type=int, default=8)
@@ -52,16 +46,10 @@ def providers(text: str) -> set[str]:
 
 def build_models(args) -> dict:
     from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     import moa
 
     dtype = getattr(torch, args.dtype)
-    torch.manual_seed(args.seed)
-    config = LlamaConfig(hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.heads, vocab_size=args.vocab, max_position_embeddings=4096)
-    base = LlamaForCausalLM(config).to(args.device, dtype).eval()
+    base = llama_base(args).to(args.device, dtype)
     names = [f"culture{i}" for i in range(args.cultures)]
     wanted = providers(args.providers)
     models = {}

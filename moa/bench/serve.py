@@ -25,20 +25,14 @@ import time
 
 import torch
 
-from moa.bench.common import print_table, stamp, write_json
+from moa.bench.common import add_model_arguments, llama_base, print_table, stamp, write_json
 from moa.errors import UsageError
 
 SYSTEMS = ("moa", "base", "static", "single")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--hidden-size", type=int, default=1024)
-    parser.add_argument("--intermediate-size", type=int, default=2816)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--vocab", type=int, default=1000)
-    parser.add_argument("--cultures", type=int, default=10, help="number of culture adapters K")
-    parser.add_argument("--rank", type=int, default=16)
+    add_model_arguments(parser)
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--prompt-lengths", default="16,64", help="min,max prompt tokens")
     parser.add_argument("--output-lengths", default="8,128", help="min,max new tokens")
@@ -69,16 +63,10 @@ def _pair(text: str, name: str) -> tuple[int, int]:
 
 
 def build_model(args):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     import moa
     from moa.bench.e2e import TARGETS
 
-    torch.manual_seed(args.seed)
-    config = LlamaConfig(hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
-                         vocab_size=args.vocab, max_position_embeddings=4096)
-    base = LlamaForCausalLM(config).eval()
+    base = llama_base(args)
     base.generation_config.eos_token_id = None
     names = [f"culture{i}" for i in range(args.cultures)]
     model = moa.MoAForCausalLM.from_base(base, moa.MoAConfig(cultures=names, r=args.rank, alpha=2 * args.rank,
