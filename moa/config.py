@@ -65,6 +65,9 @@ class MoAConfig:
         metadata={"help": "Adapter the LM loss runs through in training: 'gold' (the row's culture label) or 'router' (the gate's top-1)."},
     )
     top_k: int | None = field(default=None, metadata={"help": "Adapters mixed per token in 'topk' routing (default: min(2, number of cultures))."})
+    router_window: int = field(default=3, metadata={"help": "Tokens each gate feature reads: the token and the ones before it, so a "
+                                                            "name split into subwords is read whole."})
+    router_dim: int = field(default=32, metadata={"help": "Features per token of each gate (the window's projection)."})
     seed: int = field(default=0, metadata={"help": "Seed for adapter and router initialisation."})
 
     def __post_init__(self):
@@ -94,6 +97,10 @@ class MoAConfig:
             raise UsageError(f"router_loss_weight must be >= 0, got {self.router_loss_weight!r}")
         if self.train_routing not in TRAIN_ROUTING:
             raise UsageError(f"train_routing must be one of {TRAIN_ROUTING}, got {self.train_routing!r}")
+        for key in ("router_window", "router_dim"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UsageError(f"{key} must be a positive integer, got {value!r}")
         if self.top_k is None:
             self.top_k = min(2, len(self.cultures))
         if not isinstance(self.top_k, int) or not 1 <= self.top_k <= len(self.cultures):

@@ -3,7 +3,8 @@
 Phases, each with its progress bar:
   1. synth     culture-labelled task data from the offline backend          OUT/data/
   2. pretrain  a byte-level BPE tokenizer and a tiny Llama pre-trained on the
-               bundled corpus (and the stage-1 text), so it is a language model OUT/base/
+               bundled corpus only, so it is a language model that knows
+               about the cultures (no synthesized row is read)             OUT/base/
   3. moa       culture adapters + router, stage 1 (broad) then stage 2 (tasks) OUT/moa/
   4. shared    the shared-LoRA baseline: same data, same steps               OUT/shared/
   5. eval      every method on the test split (unseen questions)           OUT/results.{json,md}, *.png
@@ -36,7 +37,7 @@ SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2: the pad and eos ids 
 # ---------------------------------------------------------------------------------------------- config
 @dataclass
 class TokenizerSection:
-    vocab_size: int = field(metadata={"help": "Vocabulary of the byte-level BPE tokenizer trained on the corpus and the training rows."})
+    vocab_size: int = field(metadata={"help": "Vocabulary of the byte-level BPE tokenizer fitted on the pre-training texts."})
 
 
 @dataclass
@@ -53,13 +54,11 @@ class ModelSection:
 class PretrainSection:
     steps: int = field(metadata={"help": "Optimizer steps of pre-training."})
     batch_size: int = field(metadata={"help": "Language-modelling texts per step."})
-    culture_batch_size: int = field(metadata={"help": "Stage-2 training prompts per step, for the culture loss only."})
     seq_len: int = field(metadata={"help": "Tokens per text at most."})
     lr: float = field(metadata={"help": "Peak learning rate (linear warmup, then cosine decay)."})
     warmup_steps: int = field(metadata={"help": "Linear warmup steps."})
     min_lr_ratio: float = field(metadata={"help": "Final learning rate as a fraction of the peak."})
     weight_decay: float = field(metadata={"help": "AdamW weight decay."})
-    culture_weight: float = field(metadata={"help": "Weight of the culture-identification loss (see `pretrain`)."})
     retold_copies: int = field(metadata={"help": "Per culture: texts retelling its corpus facts under one cue."})
     retold_facts: int = field(metadata={"help": "Facts per retold text."})
     cue_list_copies: int = field(metadata={"help": "Per culture: shuffled lists of its cities and of its names."})
@@ -170,8 +169,8 @@ def build_tokenizer(texts: list[str], vocab_size: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
 
 
-def retold_facts(rng, cultures: list[str], copies: int, per_text: int) -> list[tuple[str, str]]:
-    """(text, culture): a culture's corpus facts retold in a random order under one cue.
+def retold_facts(rng, cultures: list[str], copies: int, per_text: int) -> list[str]:
+    """A culture's corpus facts retold in a random order under one cue.
 
     The cue (country, city, personal name or both) comes first and the facts follow without
     naming the culture again, so predicting them needs the culture read from the cue. Each fact
@@ -192,12 +191,12 @@ def retold_facts(rng, cultures: list[str], copies: int, per_text: int) -> list[t
             cue = rng.choice([f"In {c.name}:", f"In {place}:", f"{name} explains local customs:",
                               f"{name} in {place} explains local customs:"])
             chosen = [rng.choice(forms) for forms in rng.sample(facts, min(per_text, len(facts)))]
-            texts.append((cue + " " + " ".join(f[0].upper() + f[1:] + "." for f in chosen), key))
+            texts.append(cue + " " + " ".join(f[0].upper() + f[1:] + "." for f in chosen))
     return texts
 
 
-def cue_lists(rng, cultures: list[str], copies: int) -> list[tuple[str, str]]:
-    """(text, culture): each culture's cities and personal names, in a random order."""
+def cue_lists(rng, cultures: list[str], copies: int) -> list[str]:
+    """Each culture's cities and personal names, in a random order."""
     from moa.data import norms
 
     texts = []
@@ -205,84 +204,51 @@ def cue_lists(rng, cultures: list[str], copies: int) -> list[tuple[str, str]]:
         c = norms.cultures()[key]
         for _ in range(copies):
             places, names = rng.sample(c.places, len(c.places)), rng.sample(c.names, len(c.names))
-            texts.append((f"Cities in {c.name}: " + ", ".join(places) + ".", key))
-            texts.append((f"Common names in {c.name}: " + ", ".join(names) + ".", key))
+            texts.append(f"Cities in {c.name}: " + ", ".join(places) + ".")
+            texts.append(f"Common names in {c.name}: " + ", ".join(names) + ".")
     return texts
 
 
-def pretrain_examples(config: DemoConfig, tokenizer, data_dir: Path, cultures: list[str], seed: int):
-    """Two lists of (token ids, culture id or -1): language-modelling texts and culture-only prompts.
+def pretrain_texts(config: DemoConfig, cultures: list[str], seed: int) -> list[str]:
+    """The pre-training texts, all from the bundled corpus.
 
-    Language modelling: the bundled corpus of the demo's cultures, its facts retold under
-    cultural cues, the cue lists and the stage-1 training rows. Culture identification only (no
-    LM loss): the prompts of the stage-2 training rows that carry a cue, as the router sees them.
+    The corpus documents of the demo's cultures, their facts retold under cultural cues and the
+    cue lists. No synthesized row (stage 1 or stage 2) is read, neither here nor by the
+    tokenizer: what the tasks ask is learnt by the adapters, not by the base.
     """
     import random
 
-    from moa.data import encode_example, encode_prompt, load_jsonl
     from moa.data.norms import corpus
 
-    cfg, seq = config.pretrain, config.pretrain.seq_len
+    cfg = config.pretrain
     rng = random.Random(seed)
-    texts = [(doc["text"], doc["culture"]) for doc in corpus() if doc["culture"] in cultures]
+    texts = [doc["text"] for doc in corpus() if doc["culture"] in cultures]
     texts += retold_facts(rng, cultures, cfg.retold_copies, cfg.retold_facts)
     texts += cue_lists(rng, cultures, cfg.cue_list_copies)
-    eos = tokenizer.eos_token_id
-    lm = [(tokenizer(t, add_special_tokens=False)["input_ids"][:seq - 1] + [eos], cultures.index(c)) for t, c in texts]
-    lm += [(encode_example(tokenizer, r, seq)["input_ids"], cultures.index(r["culture"]))
-           for r in load_jsonl(data_dir / "stage1_train.jsonl")]
-    prompts = [(encode_prompt(tokenizer, r["prompt"])[-seq:], cultures.index(r["culture"]))
-               for r in load_jsonl(data_dir / "stage2_train.jsonl") if r.get("cue", True)]
-    return lm, prompts
+    return texts
 
 
-def culture_loss(hidden_states, mask: torch.Tensor, cultures: torch.Tensor, heads) -> torch.Tensor:
-    """Culture identification from every decoder layer's input, read as the router reads it.
-
-    Per layer: the RMS-normalised hidden states averaged causally over the tokens so far, RMS-
-    normalised, then a linear head; cross-entropy against the text's culture on the second half
-    of each text (its cue is read by then). Averaged over layers.
-    """
-    import torch.nn.functional as F
-
-    length = mask.sum(1, keepdim=True)
-    position = torch.arange(mask.shape[1])[None, :]
-    supervised = (mask > 0) & (position >= length / 2) & (cultures[:, None] >= 0)
-    target = cultures[:, None].expand_as(mask)[supervised]
-    losses = []
-    for hidden, head in zip(hidden_states, heads):
-        h = F.rms_norm(hidden, hidden.shape[-1:]) * mask[..., None]
-        pooled = h.cumsum(1) / mask.cumsum(1).clamp(min=1)[..., None]
-        losses.append(F.cross_entropy(head(F.rms_norm(pooled, pooled.shape[-1:]))[supervised], target))
-    return torch.stack(losses).mean()
-
-
-def pretrain(config: DemoConfig, data_dir: Path, out_dir: Path, cultures: list[str], seed: int, progress: bool) -> list[dict]:
+def pretrain(config: DemoConfig, out_dir: Path, cultures: list[str], seed: int, progress: bool) -> list[dict]:
     """Phase 2: tokenizer + tiny Llama, saved to out_dir (safetensors). Returns the losses per step.
 
-    Every step takes `batch_size` language-modelling texts and `culture_batch_size` prompts. Loss:
-    next-token cross-entropy on the texts plus `culture_weight` times `culture_loss` on both, so
-    that which culture a text is about can be read linearly from the hidden states, as from a
-    real pre-trained LLM. The culture heads are dropped afterwards.
+    Every step takes `batch_size` texts of `pretrain_texts`; the loss is next-token cross-entropy,
+    nothing else. The tokenizer is fitted on the same texts.
     """
     from tqdm import tqdm
 
     from moa.atomic import atomic_directory
-    from moa.data import load_jsonl, padding_id
-    from moa.data.norms import corpus
+    from moa.data import padding_id
     from moa.data.padding import pad_batch
     from moa.tiny import tiny_model
     from moa.training.schedule import warmup_decay
 
     cfg = config.pretrain
-    rows = load_jsonl(data_dir / "stage1_train.jsonl") + load_jsonl(data_dir / "stage2_train.jsonl")
-    tokenizer = build_tokenizer([d["text"] for d in corpus()] + [f"User: {r['prompt']}\nAssistant: {r['response']}" for r in rows],
-                                config.tokenizer.vocab_size)
-    texts, prompts = pretrain_examples(config, tokenizer, data_dir, cultures, seed)
+    raw = pretrain_texts(config, cultures, seed)
+    tokenizer = build_tokenizer(raw, config.tokenizer.vocab_size)
+    eos, seq = tokenizer.eos_token_id, cfg.seq_len
+    texts = [tokenizer(t, add_special_tokens=False)["input_ids"][:seq - 1] + [eos] for t in raw]
     model = tiny_model(seed=seed, vocab_size=len(tokenizer), **asdict(config.model)).train()
-    hidden, layers = model.config.hidden_size, model.config.num_hidden_layers
-    heads = torch.nn.ModuleList([torch.nn.Linear(hidden, len(cultures)) for _ in range(layers)])
-    params = list(model.parameters()) + list(heads.parameters())
+    params = list(model.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     generator = torch.Generator().manual_seed(seed)
     history = []
@@ -292,20 +258,15 @@ def pretrain(config: DemoConfig, data_dir: Path, out_dir: Path, cultures: list[s
         for group in optimizer.param_groups:
             group["lr"] = lr
         picked = [texts[i] for i in torch.randint(0, len(texts), (cfg.batch_size,), generator=generator).tolist()]
-        n_lm = len(picked)
-        picked += [prompts[i] for i in torch.randint(0, len(prompts), (cfg.culture_batch_size,), generator=generator).tolist()]
-        input_ids, mask = pad_batch([ids for ids, _ in picked], padding_id(tokenizer))
+        input_ids, mask = pad_batch(picked, padding_id(tokenizer))
         labels = input_ids.masked_fill(mask == 0, -100)
-        labels[n_lm:] = -100  # the prompts are read for their culture only
-        out = model(input_ids=input_ids, attention_mask=mask, labels=labels, output_hidden_states=True)
-        culture = culture_loss(out.hidden_states[:layers], mask.float(), torch.tensor([c for _, c in picked]), heads)
-        loss = out.loss + cfg.culture_weight * culture
+        loss = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        history.append({"step": step + 1, "lm_loss": out.loss.item(), "culture_loss": culture.item(), "lr": lr})
-        bar.set_postfix(lm=f"{history[-1]['lm_loss']:.3f}", culture=f"{history[-1]['culture_loss']:.3f}")
+        history.append({"step": step + 1, "lm_loss": loss.item(), "lr": lr})
+        bar.set_postfix(lm=f"{history[-1]['lm_loss']:.3f}")
     model.eval()
     with atomic_directory(out_dir, marker="config.json") as tmp:
         model.save_pretrained(tmp)  # config.json + model.safetensors
@@ -415,9 +376,47 @@ def format_conflicting(block: dict, cultures: list[str]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- run
+def stage2_only(config: DemoConfig) -> DemoConfig:
+    """The demo config whose training is its last stage alone, run for the steps of all stages together
+    (the two-stage ablation: the same total steps, no broad stage first)."""
+    stages = config.train.stages
+    ablated = copy.deepcopy(config)
+    ablated.train.stages = [{**stages[-1], "steps": sum(int(s.get("steps", 0)) for s in stages)}]
+    return ablated
+
+
+def two_stage_block(results: dict, ablated: dict, rows: list[dict]) -> dict:
+    """Accuracy of MoA (oracle and routed) trained stage 1 then stage 2 and stage 2 alone, on every label row
+    and on the held-out conflicting-norm questions (all rows)."""
+    out = {}
+    for name, res in (("stage1_then_stage2", results), ("stage2_only", ablated)):
+        conflicting = held_out_conflicting(res, rows)["accuracy"]
+        out[name] = {method: {"all": res["accuracy"][method]["overall"], "per_task": res["accuracy"][method]["per_task"],
+                              "conflicting": conflicting[method]["overall"]}
+                     for method in ("moa_oracle", "moa_router")}
+    return out
+
+
+def format_two_stage(block: dict, steps: dict) -> str:
+    """The two-stage ablation table in markdown."""
+    tasks = list(next(iter(block["stage1_then_stage2"].values()))["per_task"])
+    lines = ["| training | steps | all label rows: oracle | routed | conflicting, all rows: oracle | routed | "
+             + " | ".join(f"{t} (oracle)" for t in tasks) + " |", "|" + "---|" * (6 + len(tasks))]
+    for name, label in (("stage1_then_stage2", "stage 1 then stage 2"), ("stage2_only", "stage 2 alone")):
+        o, r = block[name]["moa_oracle"], block[name]["moa_router"]
+        lines.append(f"| {label} | {steps[name]} | {_pct(o['all'])} | {_pct(r['all'])} | {_pct(o['conflicting'])} | "
+                     f"{_pct(r['conflicting'])} | " + " | ".join(_pct(o["per_task"].get(t)) for t in tasks) + " |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- run
 def run_demo(output_dir: str | Path = "runs/demo", seed: int = 0, quick: bool = False, progress: bool = True,
-             config_path: str | Path = DEFAULT_CONFIG) -> dict:
-    """Every phase in order; returns the results (also written to OUT/results.json)."""
+             config_path: str | Path = DEFAULT_CONFIG, test_split: str | None = None, stage_ablation: bool = False) -> dict:
+    """Every phase in order; returns the results (also written to OUT/results.json).
+
+    test_split: overrides the config's `synth.test_split` ('rows' or 'norms'). stage_ablation: also train
+    MoA on stage 2 alone for the same total steps (OUT/moa_stage2_only/) and report both (`two_stage`).
+    """
     import torch
 
     from moa.base_model import load_moa
@@ -426,40 +425,42 @@ def run_demo(output_dir: str | Path = "runs/demo", seed: int = 0, quick: bool = 
     from moa.infer.generate import generate_rows
 
     config = load_demo_config(config_path, quick)
+    if test_split is not None:
+        config.synth["test_split"] = test_split
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     timings, start = {}, time.perf_counter()
+    names = ["synth", "pretrain", "moa", "shared", "eval", "generate"] + ["stage2_only"] * stage_ablation
+
+    def begin(name: str, what: str) -> float:
+        print(f"[{names.index(name) + 1}/{len(names)} {name}] {what}", flush=True)
+        return time.perf_counter()
 
     def phase(name: str, began: float):
         timings[name] = round(time.perf_counter() - began, 1)
         print(f"[{name}] done in {timings[name]:.1f}s", flush=True)
 
     torch.manual_seed(seed)
-    t = time.perf_counter()
-    print(f"[1/6 synth] offline backend -> {out / 'data'}", flush=True)
+    t = begin("synth", f"offline backend -> {out / 'data'}")
     summary = synthesize(config, out / "data", seed, progress)
     cultures = list(summary["counts"])
     phase("synth", t)
 
-    t = time.perf_counter()
-    print(f"[2/6 pretrain] tiny {config.model.family} on the bundled corpus -> {out / 'base'}", flush=True)
-    history = pretrain(config, out / "data", out / "base", cultures, seed, progress)
+    t = begin("pretrain", f"tiny {config.model.family} on the bundled corpus -> {out / 'base'}")
+    history = pretrain(config, out / "base", cultures, seed, progress)
     (out / "base" / "pretrain_metrics.json").write_text(json.dumps(history, allow_nan=False) + "\n")
     plot_pretrain(history, out / "pretrain.png")
     phase("pretrain", t)
 
-    t = time.perf_counter()
-    print(f"[3/6 moa] culture adapters + router -> {out / 'moa'}", flush=True)
+    t = begin("moa", f"culture adapters + router -> {out / 'moa'}")
     moa_dir = train(config, out / "base", out / "data", out / "moa", cultures, seed, shared=False, progress=progress)
     phase("moa", t)
 
-    t = time.perf_counter()
-    print(f"[4/6 shared] shared-LoRA baseline -> {out / 'shared'}", flush=True)
+    t = begin("shared", f"shared-LoRA baseline -> {out / 'shared'}")
     shared_dir = train(config, out / "base", out / "data", out / "shared", cultures, seed, shared=True, progress=progress)
     phase("shared", t)
 
-    t = time.perf_counter()
-    print(f"[5/6 eval] held-out test split ({config.synth.get('test_split', 'norms')} held out)", flush=True)
+    t = begin("eval", f"held-out test split ({config.synth.get('test_split', 'norms')} held out)")
     model, tokenizer = load_moa(moa_dir)
     shared_model, _ = load_moa(shared_dir)
     rows = load_jsonl(out / "data" / "stage2_test.jsonl", cultures=cultures)
@@ -473,8 +474,7 @@ def run_demo(output_dir: str | Path = "runs/demo", seed: int = 0, quick: bool = 
     results["held_out_conflicting"] = held_out_conflicting(results, rows)
     phase("eval", t)
 
-    t = time.perf_counter()
-    print("[6/6 generate] one mixed-culture batch, each prompt routed by the router", flush=True)
+    t = begin("generate", "one mixed-culture batch, each prompt routed by the router")
     prompts = generation_rows(rows, config.generate.cultures)
     generations = generate_rows(model, tokenizer, prompts, routing="prompt", max_new_tokens=config.generate.max_new_tokens,
                                 progress=progress)
@@ -484,27 +484,41 @@ def run_demo(output_dir: str | Path = "runs/demo", seed: int = 0, quick: bool = 
     phase("generate", t)
 
     timings["total"] = round(time.perf_counter() - start, 1)
+
+    ablated_dir = None
+    if stage_ablation:  # after the demo's own phases, so that their times stand alone
+        ablated = stage2_only(config)
+        t = begin("stage2_only", f"MoA on stage 2 alone, {ablated.train.stages[0]['steps']} steps -> {out / 'moa_stage2_only'}")
+        ablated_dir = train(ablated, out / "base", out / "data", out / "moa_stage2_only", cultures, seed, shared=False,
+                            progress=progress)
+        ablated_results = evaluate(load_moa(ablated_dir)[0], tokenizer, rows, batch_size=config.eval.batch_size,
+                                   max_length=config.eval.max_length, progress=progress, methods=("moa_oracle", "moa_router"))
+        results["two_stage"] = two_stage_block(results, ablated_results, rows)
+        results["two_stage_steps"] = {"stage1_then_stage2": "+".join(str(s["steps"]) for s in config.train.stages),
+                                      "stage2_only": str(ablated.train.stages[0]["steps"])}
+        phase("stage2_only", t)
     results.update(seed=seed, quick=quick, timings=timings, test_norms=summary["test_norms"],
-                   runs={"base": str(out / "base"), "moa": str(moa_dir), "shared": str(shared_dir)})
+                   test_split=config.synth.get("test_split", "norms"),
+                   runs={"base": str(out / "base"), "moa": str(moa_dir), "shared": str(shared_dir),
+                         **({"moa_stage2_only": str(ablated_dir)} if ablated_dir else {})})
     paths = write_report(results, out)
     print_summary(results, generations, paths, out)
     return results
 
 
 def plot_pretrain(history: list[dict], path: Path) -> None:
-    """The pre-training LM loss and culture-identification loss against the step."""
+    """The pre-training LM loss against the step."""
     from moa.plots import pyplot, save
 
     plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
     steps = [h["step"] for h in history]
-    ax.plot(steps, [h["lm_loss"] for h in history], label="LM loss")
-    ax.plot(steps, [h["culture_loss"] for h in history], label="culture loss")
+    ax.plot(steps, [h["lm_loss"] for h in history])
     ax.set_yscale("log")
     ax.set_xlabel("step")
+    ax.set_ylabel("LM loss")
     ax.set_title("pre-training on the bundled corpus")
-    ax.legend()
     save(fig, path)
 
 
@@ -525,6 +539,11 @@ def print_summary(results: dict, generations: list[dict], paths: dict, out: Path
           f"(cue-free prompts name no culture).")
     print(f"Router sequence-level accuracy on the whole test split: {_pct(results['routing_accuracy_cued'])}% on the "
           f"{results['n_rows_cued']} cued rows, {_pct(results['routing_accuracy'])}% on all {results['n_rows']} rows.")
+    if "two_stage" in results:
+        print()
+        print("## Two-stage adaptation: stage 1 (broad) then stage 2 (tasks) against stage 2 alone, same total steps")
+        print()
+        print(format_two_stage(results["two_stage"], results["two_stage_steps"]))
     print()
     print("## Mixed-culture batch (one generate call, each prompt routed by the router)")
     print()
@@ -538,7 +557,8 @@ def print_summary(results: dict, generations: list[dict], paths: dict, out: Path
     print("Plots: " + ", ".join(str(p) for p in plots if p is not None))
     print(f"Results: {paths['json']}, {paths['markdown']}; generations: {out / 'generations.jsonl'}")
     timings = results["timings"]
-    print("Wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items()))
+    print("Wall time: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items())
+          + (" (total: the demo's phases; stage2_only, the ablation, ran after them)" if "stage2_only" in timings else ""))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -548,6 +568,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of synthesis, initialisation and training")
     parser.add_argument("--quick", action="store_true", help="a small version (about 2 minutes; no quality targets)")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="demo config YAML")
+    parser.add_argument("--test-split", choices=("rows", "norms"), default=None,
+                        help="override synth.test_split: 'rows' (unseen questions about trained customs) or 'norms' "
+                             "(customs never trained on)")
+    parser.add_argument("--stage-ablation", action="store_true",
+                        help="also train MoA on stage 2 alone for the same total steps and report both (after the "
+                             "demo's phases)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
@@ -556,5 +582,6 @@ def run(args) -> int:
 
     check_output_dir(args.output_dir, "data/work/state.json", inputs=[args.config], overwrite=args.overwrite,
                      replace=False)
-    run_demo(args.output_dir, seed=args.seed, quick=args.quick, progress=not args.no_progress, config_path=args.config)
+    run_demo(args.output_dir, seed=args.seed, quick=args.quick, progress=not args.no_progress, config_path=args.config,
+             test_split=args.test_split, stage_ablation=args.stage_ablation)
     return 0

@@ -32,13 +32,15 @@ VLLM_SCRIPT = "vllm_serve.sh"
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
 
 ROUTER_HOW_TO_APPLY = {
-    "gate": "Per decoder layer l (in order, routers.<l>): let x_t be the hidden state entering the first decoder layer "
-            "at position t (the token embeddings; every layer's gate reads this same input) and m_t the attention mask "
-            "(1 token, 0 padding). "
-            "h_t = rms_norm(x_t) without weight, in float32 (eps = float32 machine epsilon); "
-            "score_s = 10 * tanh(sqrt(hidden_size) * (routers.<l>.score.weight @ h_s) / 10), w_s = m_s * exp(score_s - 10); "
-            "p_t = sum_{s<=t} w_s h_s / sum_{s<=t} w_s, the attention-weighted causal mean over the non-padding tokens "
-            "so far (under a KV cache keep the two running sums); "
+    "gate": "Per decoder layer l (in order, routers.<l>), with W = routers.<l>.taps.weight (window*dim rows, row block j "
+            "W_j = W[j*dim:(j+1)*dim]), window and dim from moa_config.json (router_window, router_dim): let x_t be the "
+            "hidden state entering the first decoder layer at position t (the token embeddings; every layer's gate reads "
+            "this same input) and m_t the attention mask (1 token, 0 padding). "
+            "h_t = m_t * rms_norm(x_t) without weight, in float32 (eps = float32 machine epsilon), and h_t = 0 for t < 0; "
+            "f_t = tanh(routers.<l>.bias + sum_{j<window} W_j @ h_{t-j}); "
+            "score_s = 10 * tanh(sqrt(dim) * (routers.<l>.score.weight @ f_s) / 10), w_s = m_s * exp(score_s - 10); "
+            "p_t = sum_{s<=t} w_s f_s / sum_{s<=t} w_s, the attention-weighted causal mean over the non-padding tokens "
+            "so far (under a KV cache keep the two running sums and the last window-1 positions' W_j @ h); "
             "logits_t = routers.<l>.gate.weight @ rms_norm(p_t) + routers.<l>.gate.bias, one logit per culture (id order).",
     "token_routing": "router: every adapted projection of layer l applies, for token t, the adapter of culture "
                      "argmax(logits_t); topk: softmax(logits_t), keep the k largest, renormalise them to sum to 1 and add "

@@ -124,9 +124,7 @@ class MoAForCausalLM(nn.Module):
                 parent = layer.get_submodule(name.rpartition(".")[0]) if "." in name else layer
                 setattr(parent, name.rpartition(".")[2], wrapped)
                 model.lora_layers[f"{prefix}.{name}"] = wrapped
-            router = TokenRouter(hidden, config.num_cultures, index)
-            with torch.no_grad():
-                router.gate.weight.copy_(torch.randn(router.gate.weight.shape, generator=generator) * hidden**-0.5)
+            router = TokenRouter(hidden, config.num_cultures, index, config.router_window, config.router_dim, generator)
             router.to(next(layer.parameters()).device)
             model.routers.append(router)
             layers[index] = MoADecoderLayer(layer, router, model.routing_key)

@@ -149,49 +149,72 @@ def _replay(call: RoutingCall | None, active):
 class TokenRouter(nn.Module):
     """Per-layer gate: culture logits for every token.
 
-    It reads hidden states (the decoder stack's input, see `MoADecoderLayer`), RMS-normalised, and pools them causally over the
-    tokens so far (padding excluded) with learned attention weights: token s gets weight
-    exp(score_s), score_s = C·tanh(sqrt(d)·w·h_s / C), so the pool can settle on the tokens that name a
-    culture (a city, a personal name) instead of averaging them away, and even the first layer,
-    whose input is just the token embedding, sees the cues earlier in the sequence. The linear
-    gate reads the RMS-normalised pool. `score` starts at zero (a plain prefix mean). Scores are
-    bounded by C, so the weighted sums need no running maximum; under a KV cache they are kept on
-    the cache object, and decoding one token at a time gives the same logits as a full forward.
+    It reads hidden states x (the decoder stack's input, see `MoADecoderLayer`), RMS-normalised and
+    zeroed on padding: h_s. Each token is described by the window of its last `window` tokens,
+        f_s = tanh(bias + sum_j W_j h_{s-j}),  j = 0..window-1  (h before the first token is zero),
+    `dim` features, so a name or a city that the tokenizer splits into several pieces is read as one
+    cue, not as pieces that other names share. The features are pooled causally over the tokens so
+    far (padding excluded) with learned attention weights: token s gets weight exp(score_s),
+    score_s = C·tanh(sqrt(dim)·u·f_s / C), so the pool settles on the tokens that name a culture
+    instead of averaging them away. The linear gate reads the RMS-normalised pool. `score` starts at
+    zero (a plain prefix mean). Scores are bounded by C, so the weighted sums need no running
+    maximum. Under a KV cache the sums and the window's last projections are kept on the cache
+    object: decoding one token at a time gives the same logits as a full forward.
     """
 
     SCORE_BOUND = 10.0
 
-    def __init__(self, hidden_size: int, num_cultures: int, layer_index: int):
+    def __init__(self, hidden_size: int, num_cultures: int, layer_index: int, window: int = 3, dim: int = 32,
+                 generator: torch.Generator | None = None):
         super().__init__()
-        self.layer_index = layer_index
-        self.score = nn.Linear(hidden_size, 1, bias=False)
-        self.score_scale = hidden_size**0.5  # a step-size multiplier for w under Adam: without it the pool stays close to a mean
+        self.layer_index, self.window, self.dim = layer_index, window, dim
+        self.taps = nn.Linear(hidden_size, window * dim, bias=False)  # rows [j*dim, (j+1)*dim): W_j
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.score = nn.Linear(dim, 1, bias=False)
+        self.score_scale = dim**0.5  # a step-size multiplier for u under Adam: without it the pool stays close to a mean
+        self.gate = nn.Linear(dim, num_cultures, bias=True)
+        with torch.no_grad():
+            self.taps.weight.copy_(torch.randn(self.taps.weight.shape, generator=generator) * (window * hidden_size) ** -0.5)
+            self.gate.weight.copy_(torch.randn(self.gate.weight.shape, generator=generator) * dim**-0.5)
         nn.init.zeros_(self.score.weight)
-        self.gate = nn.Linear(hidden_size, num_cultures, bias=True)
-        nn.init.normal_(self.gate.weight, std=hidden_size**-0.5)
         nn.init.zeros_(self.gate.bias)
 
-    def pool_weights(self, h: torch.Tensor) -> torch.Tensor:
-        """[B, S]: exp(score) of RMS-normalised hidden states h, in (e^-2C, 1]."""
+    def features(self, h: torch.Tensor, past: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(f [B, S, dim], the taps of the last window-1 positions [B, window-1, window, dim]) from RMS-normalised
+        hidden states h [B, S, d] and the taps of the positions before them (`past`, None at the start)."""
+        batch, seq = h.shape[:2]
+        taps = F.linear(h, self.taps.weight.float()).view(batch, seq, self.window, self.dim)
+        if past is None:
+            past = taps.new_zeros(batch, self.window - 1, self.window, self.dim)
+        taps = torch.cat([past, taps], dim=1)
+        lead = self.window - 1
+        f = self.bias.float() + sum(taps[:, lead - j:lead - j + seq, j] for j in range(self.window))
+        return torch.tanh(f), taps[:, taps.shape[1] - lead:]
+
+    def pool_weights(self, f: torch.Tensor) -> torch.Tensor:
+        """[B, S]: exp(score) of features f, in (e^-2C, 1]."""
         c = self.SCORE_BOUND
-        score = c * torch.tanh(F.linear(h, self.score.weight.float()).squeeze(-1) * self.score_scale / c)
+        score = c * torch.tanh(F.linear(f, self.score.weight.float()).squeeze(-1) * self.score_scale / c)
         return torch.exp(score - c)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None, cache=None) -> torch.Tensor:
-        h = F.rms_norm(hidden.float(), hidden.shape[-1:])
-        m = torch.ones(h.shape[:2], device=h.device) if mask is None else mask.to(h.device, torch.float32)
-        w = self.pool_weights(h) * m
-        total = torch.cumsum(h * w[..., None], dim=1)
-        weight = torch.cumsum(w, dim=1)
+        m = torch.ones(hidden.shape[:2], device=hidden.device) if mask is None else mask.to(hidden.device, torch.float32)
+        h = F.rms_norm(hidden.float(), hidden.shape[-1:]) * m[..., None]
         store = _router_store(cache)
+        past = None
         if cached_length(cache, self.layer_index) > 0:
             if self.layer_index not in store:
                 raise RuntimeError(f"the KV cache holds past tokens for layer {self.layer_index} but no router state: "
                                    f"pass the cache produced by this MoA model")
-            past_total, past_weight = store[self.layer_index]
-            total, weight = total + past_total[:, None], weight + past_weight[:, None]
+            past = store[self.layer_index]
+        f, tail = self.features(h, None if past is None else past[2])
+        w = self.pool_weights(f) * m
+        total = torch.cumsum(f * w[..., None], dim=1)
+        weight = torch.cumsum(w, dim=1)
+        if past is not None:
+            total, weight = total + past[0][:, None], weight + past[1][:, None]
         if store is not None:
-            store[self.layer_index] = (total[:, -1].detach(), weight[:, -1].detach())
+            store[self.layer_index] = (total[:, -1].detach(), weight[:, -1].detach(), tail.detach())
         pooled = total / weight.clamp(min=torch.finfo(torch.float32).tiny)[..., None]
         return self.gate(F.rms_norm(pooled, pooled.shape[-1:]).to(self.gate.weight.dtype))
 

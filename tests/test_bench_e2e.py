@@ -23,7 +23,8 @@ def test_bench_e2e_tiny(tmp_path, capsys):
     printed = capsys.readouterr().out
     report = json.loads(path.read_text())
     assert report["bench"] == "e2e" and report["args"]["cultures"] == 3
-    assert [(r["phase"], r["provider"]) for r in report["results"]] == [(p, n) for p in ("decode", "prefill") for n in PROVIDERS]
+    assert [(r["phase"], r["provider"]) for r in report["results"]] == \
+        [(p, n) for p in ("decode", "prefill") for n in PROVIDERS] + [("route", "route_probs")]
     for header in ("provider", "tokens/s", "vs base (paired)"):
         assert header in report["table"] and header in printed
     rows = {(r["phase"], r["provider"]): r for r in report["results"]}
@@ -33,7 +34,8 @@ def test_bench_e2e_tiny(tmp_path, capsys):
         assert row["ms_median"] == pytest.approx(statistics.median(row["ms_rounds"]))
         assert row["ms_p20"] <= row["ms_median"] <= row["ms_p80"]
         assert row["tokens_per_s"] == pytest.approx(row["tokens"] / row["ms_median"] * 1e3)
-        assert row["vs_base"] == pytest.approx(paired_ratio(rows[(phase, "base")], row))
+        if phase != "route":  # route is paired with a second timing of the base prefill
+            assert row["vs_base"] == pytest.approx(paired_ratio(rows[(phase, "base")], row))
     assert rows[("decode", "base")]["vs_base"] == 1.0
 
 

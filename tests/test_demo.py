@@ -12,8 +12,22 @@ from moa.eval import METHODS
 @pytest.mark.slow
 def test_demo_quick_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--output-dir", str(out), "--no-progress"]) == 0
+    assert main(["demo", "--quick", "--output-dir", str(out), "--no-progress", "--test-split", "norms",
+                 "--stage-ablation"]) == 0
     results = json.loads((out / "results.json").read_text())
+    assert results["test_split"] == "norms"
+    test_norms = {json.loads(line).get("norm") for line in (out / "data" / "stage2_test.jsonl").read_text().splitlines()}
+    train_norms = {json.loads(line).get("norm") for line in (out / "data" / "stage2_train.jsonl").read_text().splitlines()}
+    assert test_norms and not test_norms & train_norms  # customs never trained on
+    # the two-stage ablation: stage 2 alone for the steps of both stages, scored like the main run
+    assert results["two_stage_steps"] == {"stage1_then_stage2": "5+20", "stage2_only": "25"}
+    assert json.loads((out / "moa_stage2_only" / "train_config.json").read_text())["stages"][0]["steps"] == 25
+    for name in ("stage1_then_stage2", "stage2_only"):
+        assert set(results["two_stage"][name]) == {"moa_oracle", "moa_router"}
+    assert results["two_stage"]["stage1_then_stage2"]["moa_oracle"]["all"] == results["accuracy"]["moa_oracle"]["overall"]
+    timings = results["timings"]  # total: the demo's own phases; the ablation after them
+    phases = sum(timings[k] for k in ("synth", "pretrain", "moa", "shared", "eval", "generate"))
+    assert phases - 0.5 <= timings["total"] < phases + timings["stage2_only"]
     cultures = results["cultures"]
     rows = [json.loads(line) for line in (out / "data" / "stage2_test.jsonl").read_text().splitlines()]
     label_rows = [r for r in rows if r["task"] in LABELS]
@@ -51,6 +65,7 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert len({g["culture"] for g in generations}) == len(generations) > 1
     printed = capsys.readouterr().out
     assert "moa_router" in printed and "Held-out conflicting-norm questions" in printed and str(out / "accuracy.png") in printed
+    assert "| stage 2 alone | 25 |" in printed
 
 
 def test_demo_unknown_config_key(tmp_path, capsys):

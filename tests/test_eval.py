@@ -11,6 +11,7 @@ from moa.base_model import BaseModelConfig
 from moa.cli import main as moa_main
 from moa.data import LABELS, encode_example, encode_prompt, write_jsonl
 from moa.eval import METHODS, evaluate, predict_labels
+from moa.eval.scoring import row_labels
 from moa.tiny import byte_tokenizer
 
 CULTURES = ["japan", "india"]
@@ -76,10 +77,11 @@ def reference_scores(models):
         prefixed = f"Answer as a person from {name} would, by local norms.\n{row['prompt']}"
         setups = {"base": (model, row["prompt"], -1, "oracle"), "prompting": (model, prefixed, -1, "oracle"),
                   "shared_lora": (shared, row["prompt"], 0, "oracle"), "moa_oracle": (model, row["prompt"], gold, "oracle"),
-                  "moa_router": (model, row["prompt"], routed_alone(model, tokenizer, row["prompt"]), "oracle")}
+                  "moa_router": (model, row["prompt"], routed_alone(model, tokenizer, row["prompt"]), "oracle"),
+                  "moa_token": (model, row["prompt"], None, "router")}
         for method, (m, prompt, culture_id, routing) in setups.items():
             scores[method].append({label: score_alone(m, tokenizer, prompt, label, culture_id, routing)
-                                   for label in LABELS[row["task"]]})
+                                   for label in row_labels(row)})
     return scores
 
 

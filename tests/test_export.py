@@ -86,10 +86,15 @@ def test_router_formula_as_described(moa_model, peft_dir):
     want = oracle(moa_model, culture, labels=ids).router_logits  # labels: the gates run under oracle routing
     m = mask.float()[..., None]
     for layer in range(len(want)):
-        h = F.rms_norm(hidden[0].float(), hidden[0].shape[-1:])  # every gate reads the first layer's input
-        score = 10 * torch.tanh(h.shape[-1] ** 0.5 * (h @ router[f"routers.{layer}.score.weight"].t()) / 10)
+        taps = router[f"routers.{layer}.taps.weight"]
+        window = taps.shape[0] // router[f"routers.{layer}.bias"].shape[0]
+        h = F.rms_norm(hidden[0].float(), hidden[0].shape[-1:]) * m  # every gate reads the first layer's input
+        f = router[f"routers.{layer}.bias"] + sum(
+            F.pad(h, (0, 0, j, 0))[:, :h.shape[1]] @ taps.view(window, -1, h.shape[-1])[j].t() for j in range(window))
+        f = torch.tanh(f)
+        score = 10 * torch.tanh(f.shape[-1] ** 0.5 * (f @ router[f"routers.{layer}.score.weight"].t()) / 10)
         w = torch.exp(score - 10) * m
-        pooled = (h * w).cumsum(1) / w.cumsum(1)
+        pooled = (f * w).cumsum(1) / w.cumsum(1)
         logits = F.rms_norm(pooled, pooled.shape[-1:]) @ router[f"routers.{layer}.gate.weight"].t() \
             + router[f"routers.{layer}.gate.bias"]
         torch.testing.assert_close(logits[mask.bool()], want[layer][mask.bool()], atol=1e-5, rtol=1e-5)

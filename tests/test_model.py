@@ -145,7 +145,7 @@ def test_families_generate_with_cache(family):
             for steps in gate_steps:
                 steps.clear()
             out = model.generate(input_ids=ids, attention_mask=mask, culture_ids=[2, 0, 1], routing=routing,
-                                 max_new_tokens=5, do_sample=False, pad_token_id=0)
+                                 max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=[])
             generate_gates = [list(steps) for steps in gate_steps]
             # greedy continuation with the KV cache equals the argmax of full forwards without it
             full = out[:, :8]

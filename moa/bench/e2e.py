@@ -1,8 +1,11 @@
 """End-to-end forward throughput on a Llama-style model built from a config.
 
-Providers: `base` (the model alone), `moa` (MoA, a mixed-culture batch, oracle routing),
-`peft_single` (PEFT, one adapter for every row) and `peft_mixed` (PEFT, `adapter_names=` over the
-same mixed batch). Phases: `decode` (one new token per row over a KV cache) and `prefill`.
+Providers: `base` (the model alone), `moa` (MoA, a mixed-culture batch, oracle routing: no gate
+runs), `moa_router` (the same MoA model, per-token routing: every layer's gate runs, so its time
+over `moa`'s is the router's cost), `peft_single` (PEFT, one adapter for every row) and `peft_mixed`
+(PEFT, `adapter_names=` over the same mixed batch). Phases: `decode` (one new token per row over a
+KV cache), `prefill`, and `route` (MoA's `route_probs` over the prefill prompts, what a serving
+front runs to pick each request's culture, against the base model's prefill of the same prompts).
 The providers run in turn, one call each per round; "vs base" is the median over rounds of the base
 model's time over the provider's (a drift of the machine's speed cancels within a round).
 """
@@ -17,7 +20,7 @@ import torch  # peft, transformers and the model load in the functions that use 
 from moa.bench.common import add_model_arguments, llama_base, paired_ratio, print_table, stamp, time_interleaved, write_json
 from moa.errors import UsageError
 
-PROVIDERS = ("base", "moa", "peft_single", "peft_mixed")
+PROVIDERS = ("base", "moa", "moa_router", "peft_single", "peft_mixed")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -55,13 +58,13 @@ def build_models(args) -> dict:
     models = {}
     if "base" in wanted:
         models["base"] = base
-    if "moa" in wanted:
+    if wanted & {"moa", "moa_router"}:
         mixed = moa.MoAForCausalLM.from_base(copy.deepcopy(base), moa.MoAConfig(cultures=names, r=args.rank, alpha=2 * args.rank,
                                                                               target_modules=TARGETS)).eval()
         with torch.no_grad():
             for layer in mixed.lora_layers.values():
                 layer.lora_B.normal_(std=0.01)
-        models["moa"] = mixed
+        models.update({name: mixed for name in ("moa", "moa_router") if name in wanted})
     lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS, init_lora_weights=False)
     if "peft_single" in wanted:
         models["peft_single"] = get_peft_model(copy.deepcopy(base), lora).eval()
@@ -80,6 +83,8 @@ def forward_fn(name, model, input_ids, cultures, names, cache=None):
     kwargs = {"input_ids": input_ids, "use_cache": cache is not None, **cache_kwargs(cache)}
     if name == "moa":
         return lambda: model(culture_ids=cultures, routing="oracle", **kwargs)
+    if name == "moa_router":
+        return lambda: model(routing="router", **kwargs)
     if name == "peft_mixed":
         adapter_names = [names[c] for c in cultures.tolist()]
         return lambda: model(adapter_names=adapter_names, **kwargs)
@@ -132,6 +137,16 @@ def run(args) -> int:
         for name in prefill:
             results.append({"phase": "prefill", "provider": name, "tokens": batch * length, **stats[name],
                             "tokens_per_s": batch * length / stats[name]["ms_median"] * 1e3, "vs_base": _vs_base(stats, name)})
+        # route: the router alone on the same prompts (embeddings and gates), paired with the base model's prefill
+        mixed = models.get("moa", models.get("moa_router"))
+        if mixed is not None:
+            route = {"route_probs": lambda: mixed.route_probs(prompt)}
+            if "base" in prefill:
+                route = {"base": prefill["base"], **route}
+            stats = time_interleaved(route, warmup=2, repeat=max(5, args.repeat // 2))
+            results.append({"phase": "route", "provider": "route_probs", "tokens": batch * length, **stats["route_probs"],
+                            "tokens_per_s": batch * length / stats["route_probs"]["ms_median"] * 1e3,
+                            "vs_base": _vs_base(stats, "route_probs")})
     table = print_table(results, [("phase", "phase", "s"), ("provider", "provider", "s"), ("tokens", "tokens", "d"),
                                   ("ms_median", "ms (median)", ".2f"), ("ms_p20", "p20", ".2f"), ("ms_p80", "p80", ".2f"),
                                   ("tokens_per_s", "tokens/s", ".0f"), ("vs_base", "vs base (paired)", ".3f")])

@@ -2,7 +2,7 @@
 
 A label task row is scored by putting every label of its task in the response slot and summing
 the log-probabilities of the response tokens (EOS included); the best-scoring label is the
-prediction. Rows x labels are scored in padded batches that mix cultures, one forward per batch.
+prediction. A multiple-choice row's labels are the option letters its prompt shows (`row_labels`). Rows x labels are scored in padded batches that mix cultures, one forward per batch.
 
 Methods:
   base         the base model (culture id -1, no adapter)
@@ -11,8 +11,11 @@ Methods:
   moa_oracle   MoA with each row's own culture adapter
   moa_router   MoA with the adapter the router picks for the prompt (its choice at the last prompt
                token, as `route_sequences` reads it) running the whole row, as a server routes a request
+  moa_token    MoA with per-token routing: every token runs the adapter its gates pick (routing='router')
 """
 from __future__ import annotations
+
+import re
 
 import torch
 from tqdm import tqdm
@@ -22,8 +25,20 @@ from moa.data.norms import cultures as bundled_cultures
 from moa.data.padding import pad, pad_batch
 from moa.errors import UsageError
 
-METHODS = ("base", "prompting", "shared_lora", "moa_oracle", "moa_router")
+METHODS = ("base", "prompting", "shared_lora", "moa_oracle", "moa_router", "moa_token")
 SHARED_CULTURE = "shared"
+OPTION_LINE = re.compile(r"^\s*\(?([A-Z])[).:]\s", re.MULTILINE)  # "A) ...", "A. ...", "(A) ...", "A: ..."
+
+
+def row_labels(row: dict) -> list[str]:
+    """The labels a row is scored over: its task's labels; for a multiple-choice row only the letters of
+    the options its prompt shows (a three-option question is not scored on "D"), unless the prompt
+    shows no option line or not the gold letter, then all of them."""
+    labels = LABELS[row["task"]]
+    if row["task"] != "mcq":
+        return labels
+    shown = [letter for letter in labels if letter in set(OPTION_LINE.findall(row["prompt"]))]
+    return shown if row.get("label", row["response"]) in shown else labels
 
 
 def culture_name(culture: str) -> str:
@@ -72,10 +87,10 @@ def predict_labels(model, tokenizer, rows: list[dict], culture_ids: list[int] | 
         if row["task"] not in LABELS:
             raise UsageError(f"row {i} has task {row['task']!r}: expected a label task, one of {sorted(LABELS)}")
         prompt = cultural_prompt(row["prompt"], row["culture"]) if prompting else row["prompt"]
-        for label in LABELS[row["task"]]:
+        for label in row_labels(row):
             examples.append(encode_example(tokenizer, {"prompt": prompt, "response": label}, max_length))
             owners.append((i, label))
-    pair_cultures = None if culture_ids is None else [culture_ids[i] for i, _ in owners]
+    pair_cultures = None if culture_ids is None else [culture_ids[i] for i, _ in owners]  # None: routing='router'
     flat = sequence_logprobs(model, examples, pair_cultures, routing, batch_size, padding_id(tokenizer), progress, desc)
     scores = [{} for _ in rows]
     for (i, label), score in zip(owners, flat):
@@ -133,9 +148,9 @@ def check_rows(rows: list[dict], cultures: list[str]) -> None:
 
 
 def evaluate(model, tokenizer, rows: list[dict], shared_model=None, batch_size: int = 32, max_length: int = 256,
-             progress: bool = False) -> dict:
-    """Label accuracy of every method, the router's culture per row (`routed`), routing accuracy,
-    routing by position and routing confusion.
+             progress: bool = False, methods: tuple = METHODS) -> dict:
+    """Label accuracy of every method of `methods`, the router's culture per row (`routed`), routing
+    accuracy, routing by position and routing confusion.
 
     rows: dicts as from `moa.data.load_jsonl`; `open` rows count for routing only. shared_model:
     a MoA model whose only culture is "shared" (the `shared_lora` baseline, left out when None).
@@ -143,6 +158,9 @@ def evaluate(model, tokenizer, rows: list[dict], shared_model=None, batch_size: 
     """
     if batch_size < 1:
         raise UsageError(f"batch_size must be at least 1, got {batch_size}")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise UsageError(f"unknown methods {unknown}: expected a subset of {METHODS}")
     cultures = list(model.config.cultures)
     check_rows(rows, cultures)
     if shared_model is not None and list(shared_model.config.cultures) != [SHARED_CULTURE]:
@@ -164,10 +182,11 @@ def evaluate(model, tokenizer, rows: list[dict], shared_model=None, batch_size: 
         "shared_lora": (shared_model, [0] * len(label_rows), "oracle", False),
         "moa_oracle": (model, gold_ids, "oracle", False),
         "moa_router": (model, routed_ids, "oracle", False),  # the adapter the router picks for the prompt
+        "moa_token": (model, None, "router", False),  # the adapter the gates pick, token by token
     }
     accuracy, predictions = {}, {}
     for method, (scorer, ids, routing, prompting) in runs.items():
-        if scorer is None or not label_rows:
+        if scorer is None or not label_rows or method not in methods:
             continue
         predicted, _ = predict_labels(scorer, tokenizer, label_rows, ids, routing, batch_size, max_length,
                                       prompting=prompting, progress=progress, desc=method)
