@@ -97,9 +97,11 @@ def read_weights(run_dir: str | Path, config: MoAConfig) -> dict[str, torch.Tens
         elif match["which"] == "B":
             ok, want = len(shape) == 3 and (shape[0], shape[2]) == (k, r), f"[{k}, d_out, {r}]"
         else:
-            ok, want = match["param"] != "gate.weight" or (len(shape) == 2 and shape[0] == k), f"[{k}, hidden_size]"
+            ok, want = _router_shape_ok(match["param"], shape, config)
         if not ok:
-            raise UsageError(f"{path}: {key} has shape {list(shape)}, but {CONFIG_NAME} ({k} cultures, r={r}) "
+            settings = (f"router_window={config.router_window}, router_dim={config.router_dim}" if match["param"]
+                        else f"r={r}")
+            raise UsageError(f"{path}: {key} has shape {list(shape)}, but {CONFIG_NAME} ({k} cultures, {settings}) "
                              f"needs {want}")
         if match["which"] is not None and key[:-1] + ("B" if match["which"] == "A" else "A") not in weights:
             raise UsageError(f"{path}: {key} has no lora_{'B' if match['which'] == 'A' else 'A'} beside it")
@@ -107,3 +109,14 @@ def read_weights(run_dir: str | Path, config: MoAConfig) -> dict[str, torch.Tens
             raise UsageError(f"{path}: {key} holds {int((~torch.isfinite(tensor)).sum())} NaN or Inf values: "
                              f"expected finite weights (the run diverged or the file is damaged)")
     return weights
+
+
+def _router_shape_ok(param: str, shape: tuple, config: MoAConfig) -> tuple[bool, str]:
+    """(whether a router tensor's shape fits the config, the shape it needs); see moa.routing.TokenRouter."""
+    k, dim, window = config.num_cultures, config.router_dim, config.router_window
+    want = {"gate.weight": [k, dim], "gate.bias": [k], "bias": [dim], "score.weight": [1, dim],
+            "taps.weight": [window * dim, "hidden_size"]}.get(param)
+    if want is None:
+        return False, f"a router parameter, one of gate.weight, gate.bias, bias, score.weight, taps.weight (got {param!r})"
+    fixed = [w for w in want if isinstance(w, int)]
+    return len(shape) == len(want) and list(shape[:len(fixed)]) == fixed, "[" + ", ".join(map(str, want)) + "]"

@@ -86,7 +86,11 @@ def test_weights_are_checked_against_the_config(run_dir):
     fails({k: v for k, v in weights.items() if k != key}, r"q_proj.lora_B has no lora_A beside it")
     fails({**weights, "lm_head.weight": torch.zeros(2, 2)}, r"unexpected tensor 'lm_head.weight'")
     gate = "routers.1.gate.weight"
-    fails({**weights, gate: weights[gate][:1].contiguous()}, r"routers.1.gate.weight has shape \[1, 64\].*needs \[2, hidden_size\]")
+    fails({**weights, gate: weights[gate][:1].contiguous()}, r"routers.1.gate.weight has shape \[1, 32\].*needs \[2, 32\]")
+    # a router saved before the gates read a token window: score over the hidden size, no taps
+    fails({**weights, "routers.0.score.weight": torch.zeros(1, 64)},
+          r"routers.0.score.weight has shape \[1, 64\], but moa_config.json \(2 cultures, router_window=3, router_dim=32\) "
+          r"needs \[1, 32\]")
 
 
 def test_atomic_file_keeps_the_previous_version_on_failure(tmp_path):

@@ -157,6 +157,37 @@ def test_concurrent_requests_each_equal_alone(model, tokenizer):
     assert stats["finished"]["length"] == len(requests) and len(stats["ttft_s"]) == len(requests)
 
 
+def test_new_requests_prefill_together_long_prompts_in_chunks(model, tokenizer):
+    """Requests waiting at a step are prefilled in one left-padded forward when their prompts fit the
+    step's budget; a longer prompt runs alone, chunk by chunk; every request equals itself run alone."""
+    prompts = [encode_prompt(tokenizer, PROMPTS[i]) for i in range(4)]
+    long_prompt = encode_prompt(tokenizer, " ".join(PROMPTS * 2))
+    requests = [(i, Request(p, (CULTURES + ["auto"])[i], greedy(6))) for i, p in enumerate(prompts)]
+    requests.append(("long", Request(long_prompt, "india", greedy(6))))
+    chunk = sum(map(len, prompts)) + 8
+    assert len(long_prompt) > chunk
+    engine = Engine(model, tokenizer, max_batch_size=8, prefill_chunk=chunk)
+    shapes = []
+    hook = model.base_model.register_forward_pre_hook(
+        lambda module, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True)
+    got = Collector()
+    try:
+        for key, request in requests:  # all waiting before the first step
+            engine.submit(request, got.callback(key))
+        engine.start()
+        got.wait()
+    finally:
+        hook.remove()
+    assert engine.shutdown(10)
+    assert shapes[0] == (4, max(map(len, prompts)))  # the four short prompts: one forward
+    assert shapes[1] == (1, 8)  # the long prompt: the rest of the first step's budget, then chunks
+    assert (1, chunk) in shapes
+    for key, request in requests:
+        alone, culture = run_alone(model, tokenizer, request)
+        assert got.routed(key).culture == culture
+        assert_same_or_near_tie(model, request, culture, got.tokens(key), alone)
+
+
 def test_sampling_is_seeded_and_stop_strings_cut(model, tokenizer):
     engine = Engine(model, tokenizer)
     engine.start()
@@ -238,7 +269,8 @@ def test_cache_bound_is_respected(model, tokenizer):
     assert engine.shutdown(10)
     stats = engine.stats()
     assert 0 < stats["peak_cache_tokens"] <= 3 * longest and max(seen) <= 3
-    assert all(len(got.tokens(key)) == 8 for key, _ in requests)
+    assert all(len(got.tokens(key)) == 8 if got.finish(key) == "length" else got.finish(key) == "stop"
+               for key, _ in requests)  # every request ran to its end: max_tokens or EOS
     with pytest.raises(ValueError, match="max_cache_tokens"):
         engine.submit(Request([5] * (3 * longest), "japan", greedy(8)), got.callback("big"))
 

@@ -19,10 +19,11 @@ message for "error"). It must be cheap and must not block.
 
 How a step runs: waiting requests are admitted while the batch has room (`max_batch_size` rows, and
 rows x the longest prompt + max_tokens of any row within `max_cache_tokens`, which bounds the padded
-KV cache for the rest of every admitted request); each new request is prefilled alone, at most
-`prefill_chunk` prompt tokens per step over all of them, so running requests wait for one chunk, not
-for whole prompts; a request whose prompt is done samples its first token and joins the running
-batch. Then one decode forward runs every running row, each with its own culture ('oracle' routing,
+KV cache for the rest of every admitted request); at most `prefill_chunk` prompt tokens are prefilled
+per step over all new requests, so running requests wait for one chunk, not for whole prompts: the
+new requests whose whole prompts fit the step's budget are prefilled together in one left-padded
+forward, a longer prompt alone, chunk by chunk over several steps. A request whose prompt is done
+samples its first token and joins the running batch. Then one decode forward runs every running row, each with its own culture ('oracle' routing,
 culture id -1 for "base": no adapter), and finished or cancelled rows leave.
 
 The running batch is one transformers DynamicCache, rows right-aligned (left padding) with an explicit
@@ -288,11 +289,20 @@ class Engine:
         for slot in [s for s in self._prefilling if s.cancelled]:
             self._prefilling.remove(slot)
             self._finish(slot, "cancelled")
-        budget = self.prefill_chunk
-        for slot in list(self._prefilling):
+        budget, whole, chunks = self.prefill_chunk, [], []
+        for slot in self._prefilling:  # in arrival order, while the step's budget lasts
             if budget == 0:
                 break
-            budget -= self._prefill(slot, budget)
+            left = len(slot.request.prompt_ids) - slot.prefilled
+            if slot.cache is None and left <= budget:
+                whole.append(slot)
+            else:
+                chunks.append((slot, min(left, budget)))
+            budget -= min(left, budget)
+        if whole:
+            self._prefill_together(whole)
+        for slot, tokens in chunks:
+            self._prefill(slot, tokens)
         if self._rows:
             self._decode()
 
@@ -307,17 +317,38 @@ class Engine:
             out = self.model(culture_ids=culture_ids, routing="oracle", **kwargs)
         return out.logits[:, -1].float()
 
-    def _prefill(self, slot: _Slot, budget: int) -> int:
-        """Run up to `budget` prompt tokens of one request; at the prompt's end it samples its first
-        token and joins the running batch. Returns the tokens run."""
+    def _route(self, slots: list[_Slot], ids: torch.Tensor, mask: torch.Tensor) -> None:
+        """The router's pick and confidence for each request's prompt (rows of ids/mask); an "auto" request
+        runs under the pick."""
+        culture, confidence = self.model.route_sequences(ids, mask)
+        for row, slot in enumerate(slots):
+            if slot.culture_id is None:
+                slot.culture_id = int(culture[row])
+            slot.confidence = float(confidence[row])
+
+    def _prefill_together(self, slots: list[_Slot]) -> None:
+        """Prefill whole prompts in one left-padded forward; each request samples its first token and the
+        ones not finished by it join the running batch."""
+        from moa.data.padding import pad_batch
+
+        ids, mask = pad_batch([slot.request.prompt_ids for slot in slots], 0, left=True, device=self.model.device)
+        self._route(slots, ids, mask)
+        cache = compat.new_kv_cache(self.model.base_model.config)
+        positions = (mask.cumsum(1) - 1).clamp(min=0)
+        logits = self._forward(ids, mask, positions, [slot.culture_id for slot in slots], cache)
+        joining = [row for row, slot in enumerate(slots) if not self._first_token(slot, logits[row])]
+        if joining:
+            index = torch.tensor(joining, device=self.model.device)
+            compat.map_kv(cache, lambda tensor: tensor[index])
+            self._join([slots[row] for row in joining], cache, mask[index])
+
+    def _prefill(self, slot: _Slot, budget: int) -> None:
+        """Run the next `budget` prompt tokens (at most) of one request alone; at the prompt's end it samples
+        its first token and joins the running batch."""
         device = self.model.device
         prompt = slot.request.prompt_ids
         if slot.cache is None:
-            ids = torch.tensor([prompt], device=device)
-            culture, confidence = self.model.route_sequences(ids)
-            if slot.culture_id is None:
-                slot.culture_id = int(culture[0])
-            slot.confidence = float(confidence[0])
+            self._route([slot], torch.tensor([prompt], device=device), None)
             slot.cache = compat.new_kv_cache(self.model.base_model.config)
         start = slot.prefilled
         end = min(len(prompt), start + budget)
@@ -326,14 +357,20 @@ class Engine:
                                torch.arange(start, end, device=device)[None], [slot.culture_id], slot.cache)
         slot.prefilled = end
         if end == len(prompt):
-            name = "base" if slot.culture_id < 0 else self.cultures[slot.culture_id]
-            with self._lock:
+            cache, slot.cache = slot.cache, None
+            if not self._first_token(slot, logits[0]):
+                self._join([slot], cache, torch.ones(1, end, dtype=torch.long, device=device))
+
+    def _first_token(self, slot: _Slot, logits: torch.Tensor) -> bool:
+        """A prefilled request leaves the prefill list, says which culture runs it and samples its first
+        token. True when that token finishes it."""
+        name = "base" if slot.culture_id < 0 else self.cultures[slot.culture_id]
+        with self._lock:
+            if slot in self._prefilling:
                 self._prefilling.remove(slot)
-                self._counters[name]["requests"] += 1
-            slot.on_event(Event("routed", culture=name, router_confidence=slot.confidence))
-            if not self._emit(slot, self._sample(logits[0], slot)):
-                self._join(slot)
-        return end - start
+            self._counters[name]["requests"] += 1
+        slot.on_event(Event("routed", culture=name, router_confidence=slot.confidence))
+        return self._emit(slot, self._sample(logits, slot))
 
     def _decode(self) -> None:
         device = self.model.device
@@ -347,22 +384,19 @@ class Engine:
         done = [slot for row, slot in enumerate(self._rows) if self._emit(slot, self._sample(logits[row], slot))]
         self._drop(done)
 
-    def _join(self, slot: _Slot) -> None:
-        """Add a prefilled request to the running batch as its last row."""
-        cache, length = slot.cache, slot.prefilled
-        slot.cache = None
-        mask = torch.ones(1, length, dtype=torch.long, device=self.model.device)
+    def _join(self, slots: list[_Slot], cache, mask: torch.Tensor) -> None:
+        """Add prefilled requests (their cache rows and [n, T] mask, left-padded) to the running batch as its last rows."""
         with self._lock:
             if not self._rows:
-                self._cache, self._mask, self._culture_ids = cache, mask, [slot.culture_id]
+                self._cache, self._mask, self._culture_ids = cache, mask, [slot.culture_id for slot in slots]
             else:
-                width = max(self._mask.shape[1], length)
+                width = max(self._mask.shape[1], mask.shape[1])
                 compat.map_kv(self._cache, lambda mine, new: torch.cat([_left_pad(mine, width), _left_pad(new, width)]),
                               other=cache)
                 self._mask = torch.cat([F.pad(self._mask, (width - self._mask.shape[1], 0)),
-                                        F.pad(mask, (width - length, 0))])
-                self._culture_ids.append(slot.culture_id)
-            self._rows.append(slot)
+                                        F.pad(mask, (width - mask.shape[1], 0))])
+                self._culture_ids += [slot.culture_id for slot in slots]
+            self._rows += slots
             self._peak_cache_tokens = max(self._peak_cache_tokens, self._cache_tokens())
 
     def _drop(self, leaving: list[_Slot]) -> None:
