@@ -38,7 +38,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-lengths", default="8,128", help="min,max new tokens")
     parser.add_argument("--rates", default="2,8", help="comma-separated Poisson arrival rates (requests/s)")
     parser.add_argument("--clients", default="16", help="comma-separated closed-loop client counts")
-    parser.add_argument("--requests", type=int, default=32, help="requests per run")
+    parser.add_argument("--requests", type=int, default=128,
+                        help="requests per run: enough that the batch is full most of the run (with few, the last "
+                             "long requests decode alone and the run measures its drain, not the steady state)")
     parser.add_argument("--runs", type=int, default=2, help="runs of every system and load")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help="comma-separated subset of " + ",".join(SYSTEMS))
     parser.add_argument("--seed", type=int, default=0)
