@@ -298,7 +298,8 @@ def test_a_bug_keeps_its_traceback(monkeypatch):
 # ---------------------------------------------------------------------------------------------- interrupts
 @pytest.mark.slow
 def test_sigint_during_training_is_one_line_and_the_run_resumes(tmp_path):
-    config = tiny_config(tmp_path, save_interval=2)
+    # many steps after the first checkpoint, so the interrupt lands mid-run even on a loaded machine
+    config = tiny_config(tmp_path, save_interval=2, stages={1: {"steps": 96}})
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "moa", "train", str(config), "--output-dir", str(out), "--no-progress"]
     process = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
