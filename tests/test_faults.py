@@ -302,7 +302,10 @@ def test_sigint_during_training_is_one_line_and_the_run_resumes(tmp_path):
     config = tiny_config(tmp_path, save_interval=2, stages={1: {"steps": 96}})
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "moa", "train", str(config), "--output-dir", str(out), "--no-progress"]
-    process = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # SIGINT at its default: a shell starting the tests in the background (`cmd &`) ignores SIGINT, the child
+    # would inherit that, and Python installs its KeyboardInterrupt handler only where SIGINT is at its default
+    process = subprocess.Popen(cmd, cwd=ROOT, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 300
     while not list((out / "checkpoints").glob("step_*")) and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.2)
