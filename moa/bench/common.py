@@ -83,23 +83,23 @@ def write_json(path: str | Path, payload: dict) -> None:
     print(f"wrote {path}")
 
 
-def add_model_arguments(parser) -> None:
-    """The benches' Llama-style model (hidden 1024, 4 layers, K=10 cultures, r=16 by default)."""
-    parser.add_argument("--hidden-size", type=int, default=1024)
-    parser.add_argument("--intermediate-size", type=int, default=2816)
+def add_model_arguments(parser, hidden_size: int = 1024, intermediate_size: int = 2816, heads: int = 16) -> None:
+    """The benches' Llama-style model (by default hidden 1024, 4 layers, K=10 cultures, r=16)."""
+    parser.add_argument("--hidden-size", type=int, default=hidden_size)
+    parser.add_argument("--intermediate-size", type=int, default=intermediate_size)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--heads", type=int, default=heads)
     parser.add_argument("--vocab", type=int, default=1000)
     parser.add_argument("--cultures", type=int, default=10, help="number of culture adapters K")
-    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--rank", type=int, default=16, help="LoRA rank r of every adapter")
 
 
-def llama_base(args):
+def llama_base(args, max_positions: int = 4096):
     """The base model `add_model_arguments` describes, its weights drawn from `args.seed`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(args.seed)
     config = LlamaConfig(hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
                          num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.heads, vocab_size=args.vocab, max_position_embeddings=4096)
+                         num_key_value_heads=args.heads, vocab_size=args.vocab, max_position_embeddings=max_positions)
     return LlamaForCausalLM(config).eval()

@@ -28,7 +28,8 @@ import os
 
 import torch  # peft, transformers and the model load in the functions that use them: `--help` stays fast
 
-from moa.bench.common import paired_ratio, print_table, stamp, time_interleaved, write_json
+from moa.bench.common import (add_model_arguments, llama_base, paired_ratio, print_table, stamp, time_interleaved,
+                              write_json)
 from moa.errors import UsageError
 
 PROVIDERS = ("moa_joint", "shared_lora", "shared_lora_kr", "separate_runs")
@@ -42,13 +43,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--hidden-size", type=int, default=512)
-    parser.add_argument("--intermediate-size", type=int, default=1408)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=1000)
-    parser.add_argument("--cultures", type=int, default=10, help="number of culture adapters K")
-    parser.add_argument("--rank", type=int, default=16, help="LoRA rank r of every adapter")
+    add_model_arguments(parser, hidden_size=512, intermediate_size=1408, heads=8)
     parser.add_argument("--batch", type=int, default=20, help="rows per step B (a multiple of --cultures)")
     parser.add_argument("--seq-len", type=int, default=64, help="tokens per row S")
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate")
@@ -158,15 +153,8 @@ def build_trainers(args) -> dict[str, Trainer]:
                          "(every culture gets the same number of rows)")
     if args.seq_len < 2:
         raise UsageError(f"--seq-len must be >= 2 (next-token labels), got {args.seq_len}")
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     wanted = _providers(args.providers)
-    torch.manual_seed(args.seed)
-    config = LlamaConfig(hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.heads, vocab_size=args.vocab,
-                         max_position_embeddings=max(2048, args.seq_len))
-    base = LlamaForCausalLM(config).to(args.device, torch.float32)
+    base = llama_base(args, max_positions=max(2048, args.seq_len)).to(args.device, torch.float32)
     for p in base.parameters():
         p.requires_grad_(False)
     input_ids = torch.randint(0, args.vocab, (args.batch, args.seq_len), device=args.device)

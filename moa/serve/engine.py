@@ -45,6 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from moa import compat
+from moa.data.padding import pad_batch
 from moa.infer.generate import eos_ids
 
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
@@ -329,8 +330,6 @@ class Engine:
     def _prefill_together(self, slots: list[_Slot]) -> None:
         """Prefill whole prompts in one left-padded forward; each request samples its first token and the
         ones not finished by it join the running batch."""
-        from moa.data.padding import pad_batch
-
         ids, mask = pad_batch([slot.request.prompt_ids for slot in slots], 0, left=True, device=self.model.device)
         self._route(slots, ids, mask)
         cache = compat.new_kv_cache(self.model.base_model.config)
