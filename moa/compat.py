@@ -2,12 +2,14 @@
 
 moa reaches past transformers' public API in a few spots: the keyword that carries the KV cache
 into decoder layers (and names it in model outputs), the cache object the router keeps its
-running sums on, the per-layer key and value tensors the serving engine merges and trims, the attention mask a forward receives, the list of decoder layers, and how
+running sums on, the per-layer key and value tensors the serving engine copies into its own buffers (and the cache layer that reads them there), the attention mask a forward receives, the list of decoder layers, and how
 activation checkpointing is switched on. Each is read here and nowhere else, so a rename upstream
 is a change to this file. Where an internal is not what moa expects, `CompatError` says what was
 expected and which transformers version was found; nothing falls back silently.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import transformers
@@ -73,7 +75,7 @@ def cache_kwargs(cache) -> dict:
 
 def new_kv_cache(config):
     """An empty DynamicCache for a model of `config` whose per-layer key and value tensors
-    ([batch, heads, seq, head_dim]) `map_kv` may rewrite: every layer must be a plain full-attention layer."""
+    ([batch, heads, seq, head_dim]) `kv_tensors` reads: every layer must be a plain full-attention layer."""
     cache = transformers.DynamicCache(config=config)
     kinds = {type(layer).__name__ for layer in getattr(cache, "layers", [None])}
     if kinds != {"DynamicLayer"}:
@@ -82,15 +84,43 @@ def new_kv_cache(config):
     return cache
 
 
-def map_kv(cache, fn, other=None) -> None:
-    """Replace every layer's key and value tensors of a `new_kv_cache` cache by fn(tensor), or, given
-    `other` (a cache of the same model), by fn(tensor, the same tensor of `other`)."""
-    pairs = zip(cache.layers, other.layers) if other is not None else ((layer, None) for layer in cache.layers)
-    for layer, theirs in pairs:
-        if theirs is None:
-            layer.keys, layer.values = fn(layer.keys), fn(layer.values)
-        else:
-            layer.keys, layer.values = fn(layer.keys, theirs.keys), fn(layer.values, theirs.values)
+def kv_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every layer's (keys, values) [batch, heads, seq, head_dim] of a `new_kv_cache` cache."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+@functools.cache
+def _slab_layer_class():
+    """A full-attention cache layer whose keys and values live in a `moa.serve.kv_slab.KVSlab`: `update`
+    writes the new token there and returns the slab's window; the length masks are built from is the
+    window's."""
+    base = getattr(getattr(transformers, "cache_utils", None), "DynamicLayer", None)
+    if base is None:
+        raise CompatError("transformers.cache_utils has no DynamicLayer to build the serving engine's cache layer on")
+
+    class SlabLayer(base):
+        def __init__(self, slab, index: int):
+            super().__init__()
+            self.slab, self.index = slab, index
+            self.is_initialized = True
+
+        def lazy_initialization(self, *args, **kwargs) -> None:
+            pass
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            return self.slab.write(self.index, key_states, value_states)
+
+        def get_seq_length(self, *args, **kwargs) -> int:
+            return self.slab.window_length()
+
+    return SlabLayer
+
+
+def slab_kv_cache(config, slab):
+    """A transformers cache for a model of `config` whose layers read and write `slab` (a KVSlab)."""
+    cache = new_kv_cache(config)
+    cache.layers = [_slab_layer_class()(slab, index) for index in range(len(cache.layers))]
+    return cache
 
 
 def forward_attention_mask(kwargs: dict) -> torch.Tensor | None:

@@ -95,20 +95,25 @@ def test_decoder_layer_wrapper_passes_through_only_what_models_read(base):
     assert wrapper.attention_type == "full_attention"
 
 
-def test_kv_cache_the_engine_merges():
-    """The serving engine's cache: full-attention layers whose tensors map_kv rewrites; a sliding-window
-    model is refused by name rather than batched wrongly."""
+def test_kv_caches_of_the_serving_engine():
+    """The serving engine's caches: a prefill DynamicCache of full-attention layers whose tensors kv_tensors
+    reads, and a cache whose layers write into a KV slab and report its window; a sliding-window model is
+    refused by name rather than batched wrongly."""
+    from moa.serve.kv_slab import KVSlab
+
     llama = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                      num_key_value_heads=2, vocab_size=100)
-    a, b = compat.new_kv_cache(llama), compat.new_kv_cache(llama)
-    for cache, batch in ((a, 1), (b, 2)):
-        for layer in range(2):
-            kv = torch.full((batch, 2, 3, 8), float(batch))
-            cache.update(kv, kv, layer)
-    compat.map_kv(a, lambda mine, theirs: torch.cat([mine, theirs]), other=b)
-    assert a.get_seq_length(0) == 3 and a.layers[1].keys[:, 0, 0, 0].tolist() == [1.0, 2.0, 2.0]
-    compat.map_kv(a, lambda tensor: tensor[1:, :, 1:])
-    assert a.get_seq_length(1) == 2 and a.layers[0].values.shape == (2, 2, 2, 8)
+    cache = compat.new_kv_cache(llama)
+    for layer in range(2):
+        kv = torch.full((2, 2, 3, 8), float(layer))
+        cache.update(kv, kv, layer)
+    assert [(k.shape, float(v[0, 0, 0, 0])) for k, v in compat.kv_tensors(cache)] == [((2, 2, 3, 8), 0.0), ((2, 2, 3, 8), 1.0)]
+    slab = KVSlab(llama, max_rows=2, max_columns=16)
+    slab.join(compat.kv_tensors(cache), [1], [2])
+    slab.decode_inputs()
+    assert slab.cache.get_seq_length(0) == 2 == slab.cache.get_seq_length(1)
+    keys, values = slab.cache.update(torch.ones(1, 2, 1, 8), torch.ones(1, 2, 1, 8), 1)
+    assert keys.shape == (1, 2, 3, 8) and keys[0, 0, :, 0].tolist() == [1.0, 1.0, 1.0]
     mistral = transformers.MistralConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                                          num_key_value_heads=2, vocab_size=100, sliding_window=16)
     with pytest.raises(compat.CompatError, match="DynamicSlidingWindowLayer"):

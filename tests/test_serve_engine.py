@@ -254,10 +254,12 @@ def test_queue_full_and_bad_requests(model, tokenizer):
 
 
 def test_cache_bound_is_respected(model, tokenizer):
+    """max_cache_tokens is the KV cache's size: max_batch_size rows of max_cache_tokens / max_batch_size tokens;
+    requests wait for a free row, and one that could outgrow its row is refused naming the setting."""
     requests = [(i, Request(encode_prompt(tokenizer, PROMPTS[i % len(PROMPTS)]), CULTURES[i % 3], greedy(8)))
                 for i in range(9)]
     longest = max(len(r.prompt_ids) + r.params.max_tokens for _, r in requests)
-    engine = Engine(model, tokenizer, max_batch_size=8, max_cache_tokens=3 * longest)
+    engine = Engine(model, tokenizer, max_batch_size=3, max_cache_tokens=3 * longest)
     engine.start()
     seen = []
     got = Collector()
@@ -268,11 +270,13 @@ def test_cache_bound_is_respected(model, tokenizer):
         seen.append(stats["running"] + stats["prefilling"])
     assert engine.shutdown(10)
     stats = engine.stats()
-    assert 0 < stats["peak_cache_tokens"] <= 3 * longest and max(seen) <= 3
+    assert 0 < stats["peak_cache_tokens"] <= 3 * longest and max(seen) == 3
     assert all(len(got.tokens(key)) == 8 if got.finish(key) == "length" else got.finish(key) == "stop"
                for key, _ in requests)  # every request ran to its end: max_tokens or EOS
-    with pytest.raises(ValueError, match="max_cache_tokens"):
-        engine.submit(Request([5] * (3 * longest), "japan", greedy(8)), got.callback("big"))
+    with pytest.raises(ValueError, match=f"exceed the {longest} tokens a request may hold \\(max_cache_tokens {3 * longest} / max_batch_size 3"):
+        engine.submit(Request([5] * longest, "japan", greedy(8)), got.callback("big"))
+    with pytest.raises(ValueError, match="max_cache_tokens 2 leaves no KV-cache token"):
+        Engine(model, tokenizer, max_batch_size=3, max_cache_tokens=2)
 
 
 def test_shutdown_lets_running_requests_finish(model, tokenizer):

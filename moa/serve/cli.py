@@ -30,7 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--upstream-timeout", type=float, default=60.0, help="seconds to wait for the upstream (with --upstream)")
     parser.add_argument("--max-batch-size", type=int, default=32, help="requests in the running batch at most")
     parser.add_argument("--max-cache-tokens", type=int, default=None,
-                        help="KV-cache tokens the running batch may hold (prompt + max_tokens of each); default: the engine's")
+                        help="size of the running batch's KV cache in tokens: --max-batch-size rows of "
+                             "max-cache-tokens / max-batch-size tokens each, which a request's prompt + max_tokens must fit; "
+                             "default: the engine's (65536)")
     parser.add_argument("--max-queue", type=int, default=None,
                         help="requests waiting for a slot at most; past it the server answers 429; default: the engine's")
     parser.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds requests in flight get to finish after SIGTERM")

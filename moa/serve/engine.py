@@ -10,28 +10,31 @@ Interface (what the HTTP app uses):
     handle.cancel()                                  # the request leaves the batch at the next step
     engine.shutdown(timeout_s) -> bool               # stop admitting, finish what was submitted, stop the thread
     engine.stats() -> dict                           # see `Engine.stats`
-    engine.cultures (the adapters' names), engine.context_length
+    engine.cultures (the adapters' names), engine.context_length (the most tokens, prompt + new, a request may
+    hold: the model's context, or max_cache_tokens / max_batch_size where that is smaller)
 `on_event(Event)` is called from the engine thread, in order: one "routed" (culture: a culture name or
 "base"; router_confidence: the router's sequence-level probability of its pick for the prompt), one
 "token" per new token (token_id, text: the new text, held back while it may begin a stop string or
 ends in a partial character), then one "done" (finish_reason "stop" | "length" | "cancelled" | "error",
 message for "error"). It must be cheap and must not block.
 
-How a step runs: waiting requests are admitted while the batch has room (`max_batch_size` rows, and
-rows x the longest prompt + max_tokens of any row within `max_cache_tokens`, which bounds the padded
-KV cache for the rest of every admitted request); at most `prefill_chunk` prompt tokens are prefilled
-per step over all new requests, so running requests wait for one chunk, not for whole prompts: the
-new requests whose whole prompts fit the step's budget are prefilled together in one left-padded
-forward, a longer prompt alone, chunk by chunk over several steps. A request whose prompt is done
-samples its first token and joins the running batch. Then one decode forward runs every running row, each with its own culture ('oracle' routing,
-culture id -1 for "base": no adapter), and finished or cancelled rows leave.
+How a step runs: waiting requests are admitted while the batch has a free row (`max_batch_size`
+rows); at most `prefill_chunk` prompt tokens are prefilled per step over all new requests, so running
+requests wait for one chunk, not for whole prompts: the new requests whose whole prompts fit the
+step's budget are prefilled together in one left-padded forward (a transformers DynamicCache of their
+own), a longer prompt alone, chunk by chunk over several steps. A request whose prompt is done samples
+its first token and its keys and values are copied into a free row of the running batch's KV slab.
+Then one decode forward runs every running row, each with its own culture ('oracle' routing, culture
+id -1 for "base": no adapter), and finished or cancelled rows leave (the slab's last row takes a freed
+one).
 
-The running batch is one transformers DynamicCache, rows right-aligned (left padding) with an explicit
-[B, T] attention mask and per-row position ids: a joining row is left-padded to the batch's length
-(or the batch to its length), leaving rows are dropped along the batch dim and all-padding columns
-on the left are cut. Under 'oracle' routing the gates do not run, so the cache holds no router sums
-to merge. "auto" requests take the router's pick for the prompt (`model.route_sequences`, which reads
-only the embeddings) and run under it, as `moa generate --routing prompt` does.
+The running batch's KV cache is a `KVSlab` (moa/serve/kv_slab.py): per layer one preallocated buffer
+of `max_batch_size` rows x up to `max_cache_tokens / max_batch_size` tokens, which bounds its memory;
+a request whose prompt + max_tokens exceeds a row is refused. Rows carry an explicit attention mask
+and their own position ids, so each row computes what it would compute alone. Under 'oracle' routing
+the gates do not run, so the cache holds no router sums. "auto" requests take the router's pick for
+the prompt (`model.route_sequences`, which reads only the embeddings) and run under it, as `moa
+generate --routing prompt` does.
 """
 from __future__ import annotations
 
@@ -42,11 +45,11 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from moa import compat
 from moa.data.padding import pad_batch
 from moa.infer.generate import eos_ids
+from moa.serve.kv_slab import KVSlab
 
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
 LATENCY_SAMPLES = 10000  # TTFT and inter-token latency samples kept for stats()
@@ -126,18 +129,26 @@ class Engine:
                             ("max_queue", max_queue), ("prefill_chunk", prefill_chunk)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if max_cache_tokens < max_batch_size:
+            raise ValueError(f"max_cache_tokens {max_cache_tokens} leaves no KV-cache token to each of the {max_batch_size} "
+                             f"rows (max_batch_size): expected at least {max_batch_size}")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_cache_tokens = max_batch_size, max_cache_tokens
         self.max_queue, self.prefill_chunk = max_queue, prefill_chunk
         self.cultures = list(model.config.cultures)
-        self.context_length = int(model.base_model.config.max_position_embeddings)
-        compat.new_kv_cache(model.base_model.config)  # the engine batches full-attention KV caches only
+        # the running batch's KV cache (full-attention models only): a row per request of max_cache_tokens / max_batch_size tokens
+        self._slab = KVSlab(model.base_model.config, max_batch_size, max_cache_tokens // max_batch_size)
+        positions = int(model.base_model.config.max_position_embeddings)
+        # the most tokens (prompt + new) a request may hold: the model's context, or a slab row where that is smaller
+        self.context_length = min(positions, self._slab.max_columns)
+        self._context_limit = ("the model's context" if positions <= self._slab.max_columns else
+                               f"max_cache_tokens {max_cache_tokens} / max_batch_size {max_batch_size}")
         self.eos = eos_ids(model, tokenizer)
         self._lock = threading.Condition()
         self._waiting: collections.deque[_Slot] = collections.deque()
         self._prefilling: list[_Slot] = []
-        self._rows: list[_Slot] = []  # the running batch, in cache row order
-        self._cache, self._mask, self._culture_ids = None, None, None  # culture ids: a list of ints, -1 = base
+        self._rows: list[_Slot] = []  # the running batch, in slab row order
+        self._culture_ids: list[int] = []  # of the running rows, -1 = base
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._deadline_passed = False  # shutdown's timeout: the loop ends the requests left
@@ -216,11 +227,8 @@ class Engine:
         if not isinstance(p.max_tokens, int) or p.max_tokens < 1:
             raise ValueError(f"max_tokens must be a positive integer, got {p.max_tokens!r}")
         if len(ids) + p.max_tokens > self.context_length:
-            raise ValueError(f"max_tokens {p.max_tokens} + the prompt's {len(ids)} tokens exceed the context length "
-                             f"{self.context_length}")
-        if len(ids) + p.max_tokens > self.max_cache_tokens:
-            raise ValueError(f"max_tokens {p.max_tokens} + the prompt's {len(ids)} tokens exceed the engine's "
-                             f"max_cache_tokens {self.max_cache_tokens}")
+            raise ValueError(f"max_tokens {p.max_tokens} + the prompt's {len(ids)} tokens exceed the {self.context_length} "
+                             f"tokens a request may hold ({self._context_limit})")
         if not p.temperature >= 0:
             raise ValueError(f"temperature must be >= 0, got {p.temperature!r}")
         if not 0 < p.top_p <= 1:
@@ -237,20 +245,17 @@ class Engine:
         return bool(self._waiting or self._prefilling or self._rows)
 
     def _cache_tokens(self) -> int:
-        running = self._mask.numel() if self._mask is not None else 0
-        return running + sum(slot.prefilled for slot in self._prefilling)
+        return self._slab.tokens_held() + sum(slot.prefilled for slot in self._prefilling)
 
     def _admit(self) -> None:
-        """Move waiting requests into prefill while the batch and the cache bound have room (under the lock)."""
+        """Move waiting requests into prefill while the batch has a free row (under the lock)."""
         while self._waiting:
             slot = self._waiting[0]
             if slot.cancelled:
                 self._waiting.popleft()
                 self._finish(slot, "cancelled")
                 continue
-            rows = self._rows + self._prefilling
-            longest = max([s.reserve for s in rows] + [slot.reserve])
-            if len(rows) + 1 > self.max_batch_size or (len(rows) + 1) * longest > self.max_cache_tokens:
+            if len(self._rows) + len(self._prefilling) >= self.max_batch_size:
                 return
             self._prefilling.append(self._waiting.popleft())
 
@@ -271,13 +276,13 @@ class Engine:
                     for slot in self._rows + self._prefilling:
                         self._finish(slot, "error", f"{type(e).__name__}: {e}")
                     with self._lock:
-                        self._rows, self._prefilling = [], []
-                        self._cache = self._mask = self._culture_ids = None
+                        self._rows, self._prefilling, self._culture_ids = [], [], []
+                        self._slab.clear()
             with self._lock:
                 left = list(self._waiting) + self._prefilling + self._rows
                 self._waiting.clear()
-                self._rows, self._prefilling = [], []
-                self._cache = self._mask = self._culture_ids = None
+                self._rows, self._prefilling, self._culture_ids = [], [], []
+                self._slab.clear()
                 self._lock.notify_all()
         for slot in left:
             self._finish(slot, "error", "the engine shut down before the request finished")
@@ -337,9 +342,7 @@ class Engine:
         logits = self._forward(ids, mask, positions, [slot.culture_id for slot in slots], cache)
         joining = [row for row, slot in enumerate(slots) if not self._first_token(slot, logits[row])]
         if joining:
-            index = torch.tensor(joining, device=self.model.device)
-            compat.map_kv(cache, lambda tensor: tensor[index])
-            self._join([slots[row] for row in joining], cache, mask[index])
+            self._join([slots[row] for row in joining], cache, joining)
 
     def _prefill(self, slot: _Slot, budget: int) -> None:
         """Run the next `budget` prompt tokens (at most) of one request alone; at the prompt's end it samples
@@ -358,7 +361,7 @@ class Engine:
         if end == len(prompt):
             cache, slot.cache = slot.cache, None
             if not self._first_token(slot, logits[0]):
-                self._join([slot], cache, torch.ones(1, end, dtype=torch.long, device=device))
+                self._join([slot], cache, [0])
 
     def _first_token(self, slot: _Slot, logits: torch.Tensor) -> bool:
         """A prefilled request leaves the prefill list, says which culture runs it and samples its first
@@ -374,45 +377,31 @@ class Engine:
     def _decode(self) -> None:
         device = self.model.device
         ids = torch.tensor([[slot.tokens[-1]] for slot in self._rows], device=device)
-        lengths = self._mask.sum(1, keepdim=True)
-        self._mask = torch.cat([self._mask, torch.ones_like(self._mask[:, :1])], dim=1)
-        logits = self._forward(ids, self._mask, lengths, self._culture_ids, self._cache)
+        mask, positions = self._slab.decode_inputs()
+        logits = self._forward(ids, mask, positions, self._culture_ids, self._slab.cache)
+        self._slab.advance()
         with self._lock:
             self._steps += 1
             self._peak_cache_tokens = max(self._peak_cache_tokens, self._cache_tokens())
         done = [slot for row, slot in enumerate(self._rows) if self._emit(slot, self._sample(logits[row], slot))]
         self._drop(done)
 
-    def _join(self, slots: list[_Slot], cache, mask: torch.Tensor) -> None:
-        """Add prefilled requests (their cache rows and [n, T] mask, left-padded) to the running batch as its last rows."""
+    def _join(self, slots: list[_Slot], cache, rows: list[int]) -> None:
+        """Add prefilled requests (rows `rows` of a left-padded prefill cache) to the running batch as its last rows."""
         with self._lock:
-            if not self._rows:
-                self._cache, self._mask, self._culture_ids = cache, mask, [slot.culture_id for slot in slots]
-            else:
-                width = max(self._mask.shape[1], mask.shape[1])
-                compat.map_kv(self._cache, lambda mine, new: torch.cat([_left_pad(mine, width), _left_pad(new, width)]),
-                              other=cache)
-                self._mask = torch.cat([F.pad(self._mask, (width - self._mask.shape[1], 0)),
-                                        F.pad(mask, (width - mask.shape[1], 0))])
-                self._culture_ids += [slot.culture_id for slot in slots]
+            self._slab.join(compat.kv_tensors(cache), rows, [len(slot.request.prompt_ids) for slot in slots])
             self._rows += slots
+            self._culture_ids += [slot.culture_id for slot in slots]
             self._peak_cache_tokens = max(self._peak_cache_tokens, self._cache_tokens())
 
     def _drop(self, leaving: list[_Slot]) -> None:
-        """Remove rows from the running batch."""
+        """Remove rows from the running batch (the slab moves its last rows into the freed ones)."""
         if not leaving:
             return
         with self._lock:
-            keep = [row for row, slot in enumerate(self._rows) if slot not in leaving]
-            self._rows = [self._rows[row] for row in keep]
-            if not keep:
-                self._cache = self._mask = self._culture_ids = None
-            else:
-                index = torch.tensor(keep, device=self.model.device)
-                mask = self._mask[index]
-                first = int(mask.any(0).nonzero()[0])  # columns left of it are padding in every row
-                self._mask, self._culture_ids = mask[:, first:], [self._culture_ids[row] for row in keep]
-                compat.map_kv(self._cache, lambda tensor: tensor[index, :, first:])
+            order = self._slab.remove([row for row, slot in enumerate(self._rows) if slot in leaving])
+            self._rows = [self._rows[row] for row in order]
+            self._culture_ids = [self._culture_ids[row] for row in order]
 
     # ------------------------------------------------------------------ tokens and text
     def _sample(self, logits: torch.Tensor, slot: _Slot) -> int:
@@ -472,11 +461,6 @@ class Engine:
             self._finished[reason] += 1
             self._durations.append(time.perf_counter() - slot.arrival)
         slot.on_event(Event("done", finish_reason=reason, message=message))
-
-
-def _left_pad(x: torch.Tensor, width: int) -> torch.Tensor:
-    """Left-pad a [B, H, T, D] cache tensor with zeros to T = width."""
-    return F.pad(x, (0, 0, width - x.shape[-2], 0))
 
 
 def _held_back(text: str, stops) -> int:
