@@ -28,6 +28,11 @@ from .plan import AdapterPlan
 from .torch import multi_lora_torch, rows_apply
 
 SOURCE = Path(__file__).with_name("csrc") / "lora_decode.cpp"
+# -mprefer-vector-width=512: the compiler otherwise keeps to 256-bit vectors on AVX-512 machines (12% slower here)
+COMPILE_FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512"]
+# at::parallel_for runs its threads only where the extension is compiled with OpenMP, as ATen is:
+# without the flag it silently runs on one thread (measured: 28 decode calls 5.8 ms -> 2.9 ms on 2 cores)
+OPENMP_FLAGS = ["-fopenmp"] if torch.backends.openmp.is_available() else []
 NATIVE_MAX_COUNT = 32  # most tokens of one adapter the kernel takes: beyond, the torch backend's GEMMs are faster
 _native = None  # the compiled module, False once building failed
 log = logging.getLogger(__name__)
@@ -41,7 +46,8 @@ def native_kernel():
 
         log.info("building the CPU multi-LoRA decode kernel from %s (once per machine)", SOURCE)
         try:
-            _native = load(name="moa_lora_decode", sources=[str(SOURCE)], extra_cflags=["-O3", "-march=native"], verbose=False)
+            _native = load(name="moa_lora_decode", sources=[str(SOURCE)], extra_cflags=COMPILE_FLAGS + OPENMP_FLAGS,
+                           extra_ldflags=OPENMP_FLAGS, verbose=False)
         except Exception as exc:  # no compiler, no ninja, a failed build: the torch backend stays correct
             reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
             warnings.warn(f"moa: the native CPU multi-LoRA kernel could not be built ({type(exc).__name__}: {reason}); "

@@ -27,6 +27,7 @@ import torch
 
 from moa.bench.common import add_model_arguments, llama_base, print_table, stamp, write_json
 from moa.errors import UsageError
+from moa.serve import openmp
 
 SYSTEMS = ("moa", "base", "static", "single")
 
@@ -88,6 +89,7 @@ class StaticServer:
         self.model, self.max_batch_size, self.one_culture = model, max_batch_size, one_culture
         self.waiting, self.lock = [], threading.Condition()
         self.stopping = False
+        openmp.release_idle_threads()  # as the engine does before its step loop starts: the same conditions
         self.thread = threading.Thread(target=self._loop, daemon=True)
         self.thread.start()
 

@@ -49,6 +49,7 @@ import torch
 from moa import compat
 from moa.data.padding import pad_batch
 from moa.infer.generate import eos_ids
+from moa.serve import openmp
 from moa.serve.kv_slab import KVSlab
 
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
@@ -165,6 +166,7 @@ class Engine:
         """Start the step loop on a background thread."""
         if self._thread is not None:
             raise RuntimeError("the engine was already started")
+        openmp.release_idle_threads()  # this thread's OpenMP pool would slow every op of the step loop's thread
         self._thread = threading.Thread(target=self._loop, name="moa-engine", daemon=True)
         self._thread.start()
 
