@@ -12,9 +12,9 @@ without a compiler the torch backend serves every call, with a warning.
 The kernel serves calls autograd does not record, in float32, with one adapter per token, no
 per-token weights, a uniform scale and at most `NATIVE_MAX_COUNT` tokens per adapter outside the
 rows layout; everything else (prefill's long rows, training, top-k mixes) runs on the torch backend.
-Measured at K=10, r=16, hidden 1024 on weights coming from memory, as in a decode step: ~2x faster
-than the torch backend at 3-9 tokens per adapter, on par at ~30; with the weights in cache the torch
-backend's GEMMs catch up from ~15 tokens per adapter.
+Measured on 2 cores at K=10, r=16, hidden 1024, the 28 projections of a 4-layer decode step on
+weights coming from memory (ms, native vs torch backend): 1.6 vs 2.4 at 1-2 tokens per adapter,
+1.9 vs 3.1 at 3-4, 4.1 vs 4.8 at ~10, 10.5 vs 12.1 at 30.
 """
 from __future__ import annotations
 
