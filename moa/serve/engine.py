@@ -109,7 +109,6 @@ class _Slot:
         self.request, self.params, self.on_event = request, request.params, on_event
         self.culture_id = culture_id  # None for "auto" until routed
         self.confidence = None  # the router's probability of its pick for the prompt
-        self.reserve = len(request.prompt_ids) + request.params.max_tokens  # KV-cache tokens it may hold
         self.cancelled = False
         self.cache = None  # its own DynamicCache while prefilling
         self.prefilled = 0  # prompt tokens in its cache

@@ -3,7 +3,7 @@
 Every layer's keys and values live in a [rows, kv_heads, columns, head_dim] buffer. The running
 requests hold rows 0..n-1 (dense: a leaving request's row is taken by the last one), and every row
 writes its next token at the same column `end`; a row's tokens sit right-aligned in the columns just
-before it, with no gaps, and `mask` marks them. A decode forward attends over the window
+before it, with no gaps, and `mask` marks them (zero outside them and in free rows). A decode forward attends over the window
 [start, end] (start: the first column of the longest row) through views of the buffers, so a step
 copies only the new token's keys and values: no concatenation, no reallocation, no re-padding when a
 request joins or leaves (what a transformers `DynamicCache` does at every step). When `end` reaches
@@ -61,7 +61,6 @@ class KVSlab:
         if not self.keys:
             self._allocate(kv, self._columns_for(max(lengths) + 1))
         self._make_room(left=max(lengths), right=1)
-        self.mask[self.n:self.n + len(rows)] = 0
         for layer, (keys, values) in enumerate(kv):
             for offset, (row, length) in enumerate(zip(rows, lengths)):
                 target = self.n + offset

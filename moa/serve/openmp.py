@@ -27,9 +27,9 @@ def loaded_runtime() -> str | None:
     if not maps.exists():
         return None
     for line in maps.read_text().splitlines():
-        path = line.split()[-1] if len(line.split()) >= 6 else ""
-        if any(Path(path).name.startswith(name) for name in RUNTIMES):
-            return path
+        fields = line.split()  # address, perms, offset, device, inode[, path]
+        if len(fields) >= 6 and Path(fields[5]).name.startswith(RUNTIMES):
+            return fields[5]
     return None
 
 
