@@ -11,6 +11,7 @@ float64 gradcheck of the torch backend.
 from __future__ import annotations
 
 import functools
+import os
 import zlib
 from dataclasses import dataclass
 
@@ -25,6 +26,17 @@ from moa.kernels.multi_lora.naive import multi_lora_naive
 
 CUDA = torch.cuda.is_available()
 TRITON_DEVICE = "cuda" if CUDA else "cpu"  # the torch and cpu backends run on CPU tensors
+
+
+def triton_backend():
+    """The Triton backend module; the Triton cases cannot run without CUDA or Triton's interpreter, which
+    tests/conftest.py switches on unless TRITON_INTERPRET was already set otherwise: that fails here."""
+    from moa.kernels.multi_lora import triton as backend
+
+    if not CUDA and not backend.interpreter_active():
+        pytest.fail(f"the Triton kernels need CUDA or TRITON_INTERPRET=1 set before their first import; "
+                    f"TRITON_INTERPRET is {os.environ.get('TRITON_INTERPRET')!r}")
+    return backend
 
 
 @dataclass(frozen=True)
@@ -155,12 +167,9 @@ def serve(variant, monkeypatch):
 
         monkeypatch.setattr(cpu_backend, "native_kernel", native_kernel)
     if backend == "triton":
-        from moa.kernels.multi_lora import triton as triton_backend
-
-        if not CUDA and not triton_backend.interpreter_active():
-            pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1 set before their first import")
+        kernels = triton_backend()
         if variant != "triton":
-            monkeypatch.setattr(triton_backend, "SGMV_MIN_ROWS", 0 if variant == "triton-sgmv" else 1 << 62)
+            monkeypatch.setattr(kernels, "SGMV_MIN_ROWS", 0 if variant == "triton-sgmv" else 1 << 62)
     return backend, native_calls
 
 
@@ -229,10 +238,7 @@ def test_plan_groups_tokens_by_adapter():
 def test_a_plan_is_shared_by_every_projection(backend):
     """One plan serves projections of different shapes; each backend derives its data from it once, in its own slot."""
     if backend == "triton":
-        from moa.kernels.multi_lora import triton as triton_backend
-
-        if not CUDA and not triton_backend.interpreter_active():
-            pytest.skip("Triton kernels need CUDA or TRITON_INTERPRET=1 set before their first import")
+        triton_backend()
     gen = torch.Generator().manual_seed(seed("shared", backend))
     ids = torch.randint(0, 3, (9,), generator=gen)
     device = TRITON_DEVICE if backend == "triton" else "cpu"
