@@ -35,6 +35,6 @@ setup(
         "uvicorn>=0.55,<0.56",  # moa serve: the HTTP server
         "httpx2>=2.16.2,<2.17",  # moa serve --upstream: the client that forwards to the upstream server
     ],
-    extras_require={"dev": ["pytest>=8.2,<9.3", "openai>=3.57,<3.58"], "tensorboard": ["tensorboard"]},
+    extras_require={"dev": ["pytest>=8.2,<9.3", "openai>=3.57,<3.58", "lm-eval[api]>=0.4.13,<0.5"], "tensorboard": ["tensorboard"]},
     entry_points={"console_scripts": ["moa=moa.cli:main"]},
 )
