@@ -47,14 +47,11 @@ def run(args) -> int:
     from moa.atomic import check_output_file
     from moa.base_model import load_moa, resolve_device
     from moa.data import write_jsonl
-    from moa.infer.generate import check_sampling, generate_rows, read_prompts
+    from moa.infer.generate import generate_rows, read_prompts, sampling_kwargs
 
     check_output_file(args.output, '"routed_culture"', inputs=[args.model, args.prompts], overwrite=args.overwrite)
-    check_sampling(args.temperature, args.top_p)
+    sampling = sampling_kwargs(args.do_sample, args.temperature, args.top_p)
     device = resolve_device(args.device)
-    sampling = {"do_sample": args.do_sample}
-    if args.do_sample:
-        sampling.update(temperature=args.temperature, top_p=args.top_p)
     model, tokenizer = load_moa(args.model, device=device)
     rows = read_prompts(args.prompts, model.config.cultures, args.routing)
     torch.manual_seed(args.seed)

@@ -6,8 +6,6 @@ is one `model.generate` call: the rows' cultures mix inside every forward pass, 
 """
 from __future__ import annotations
 
-import math
-
 import torch
 from tqdm import tqdm
 
@@ -16,6 +14,7 @@ from moa.data import DataError, encode_prompt, padding_id
 from moa.data.padding import pad_batch
 from moa.data.schema import json_lines
 from moa.errors import UsageError
+from moa.infer.sampling import SamplingError, SamplingParams
 
 # 'prompt': the router's pick for each prompt (its choice at the last prompt token) runs the whole
 # row, prompt and answer, as a server routes a request; the others are the model's own modes
@@ -77,13 +76,15 @@ def _until_eos(tokens: list[int], eos: set[int]) -> list[int]:
     return tokens
 
 
-@torch.no_grad()
-def check_sampling(temperature: float = 1.0, top_p: float = 1.0, **_) -> None:
-    """Refuse sampling parameters outside their ranges: temperature > 0, 0 < top_p <= 1."""
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise UsageError(f"temperature must be a number > 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise UsageError(f"top_p must be in (0, 1], got {top_p}")
+def sampling_kwargs(do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0) -> dict:
+    """transformers `generate` keyword arguments for these sampling settings, checked and normalised as the
+    server does (moa.infer.sampling): UsageError naming a value outside its range; a temperature below
+    GREEDY_BELOW is greedy."""
+    try:
+        params = SamplingParams(temperature=temperature, top_p=top_p)
+    except SamplingError as e:
+        raise UsageError(str(e)) from None
+    return params.generate_kwargs() if do_sample else {"do_sample": False}
 
 
 def fit_context(encoded: list[list[int]], rows: list[dict], context: int | None, max_new_tokens: int,
@@ -130,7 +131,8 @@ def generate_rows(model, tokenizer, rows: list[dict], routing: str = "prompt", b
         raise UsageError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if top_k is not None and not 1 <= top_k <= len(cultures):
         raise UsageError(f"top_k must be between 1 and the run's {len(cultures)} cultures, got {top_k}")
-    check_sampling(**sampling)
+    checked = sampling_kwargs(sampling.pop("do_sample", False), sampling.pop("temperature", 1.0), sampling.pop("top_p", 1.0))
+    sampling.update(checked)
     problems = [f"row {i}: {message}" for i, row in enumerate(rows) for message in row_problems(row, cultures, routing)]
     if problems:
         raise UsageError("bad prompt rows:\n  " + "\n  ".join(problems))
