@@ -2,47 +2,19 @@
 
 `MoAConfig`: which cultures, which projections, LoRA and router settings. `BaseModelConfig`: which
 base model a run adapts (a local transformers directory or a tiny config) and how to load it.
-Both are validated on creation. `from_mapping` reads any config dataclass (these, the training,
-synthesis and demo configs) from a parsed YAML/JSON mapping, refusing unknown and missing keys.
+Both are validated on creation; files are read through moa.config_loader, whose `from_mapping`
+checks every field's type.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import yaml
-
+from moa.config_loader import from_mapping, load_yaml
 from moa.errors import UsageError
 
 ROUTING_MODES = ("oracle", "router", "topk")
-
-
-def from_mapping(cls, data, source: str):
-    """`cls(**data)` for a config dataclass; errors name `source`, the bad keys and the known keys.
-
-    `data` None reads as an empty mapping, and an instance of `cls` is returned as it is. The
-    dataclass's own checks (`__post_init__`, which reads nested sections with from_mapping too)
-    raise ValueError; their messages are prefixed with `source`.
-    """
-    if isinstance(data, cls):
-        return data
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise UsageError(f"{source}: expected a mapping, got {type(data).__name__} {data!r}")
-    known = [f.name for f in fields(cls)]
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise UsageError(f"{source}: unknown key(s) {unknown}; known keys: {sorted(known)}")
-    missing = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING and f.name not in data]
-    if missing:
-        raise UsageError(f"{source}: missing required key(s) {missing}")
-    try:
-        return cls(**data)
-    except (TypeError, ValueError) as err:  # TypeError: a value of the wrong type met by a check
-        message = str(err)
-        raise UsageError(message if message.startswith(source) else f"{source}: {message}") from None
 
 
 TRAIN_ROUTING = ("gold", "router")
@@ -138,10 +110,7 @@ class MoAConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> "MoAConfig":
         """Read a YAML or JSON file holding MoAConfig fields."""
-        path = Path(path)
-        text = path.read_text()
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(load_yaml(path), source=str(path))
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2, allow_nan=False) + "\n")

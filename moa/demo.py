@@ -11,7 +11,8 @@ Phases, each with its progress bar:
   6. generate  one mixed-culture batch, routed by the router                 OUT/generations.jsonl
 Then it prints the results table, the accuracy on the held-out conflicting-norm questions, the
 routing accuracy and where the plots are. `--quick` is a small version of the same run (the
-tests use it). Everything is seeded by `--seed`.
+tests use it). Everything is seeded by `--seed`. `KEY=VALUE` arguments set config keys
+(`pretrain.steps=100`); the config in use is written to OUT/demo_config.json.
 """
 from __future__ import annotations
 
@@ -23,9 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
-from moa.config import from_mapping
+from moa.config_loader import apply_overrides, from_mapping, load_yaml
 from moa.errors import UsageError
 from moa.resources import CONFIGS
 
@@ -111,12 +111,6 @@ class DemoConfig:
         self.quick = {} if self.quick is None else self.quick
         if not isinstance(self.quick, dict):
             raise UsageError(f"quick must be a mapping of sections to override, got {self.quick!r}")
-        self.tokenizer = from_mapping(TokenizerSection, self.tokenizer, "tokenizer")
-        self.model = from_mapping(ModelSection, self.model, "model")
-        self.pretrain = from_mapping(PretrainSection, self.pretrain, "pretrain")
-        self.train = from_mapping(TrainSection, self.train, "train")
-        self.eval = from_mapping(EvalSection, self.eval, "eval")
-        self.generate = from_mapping(GenerateSection, self.generate, "generate")
 
 
 def _merge(base: dict, override: dict) -> dict:
@@ -127,14 +121,13 @@ def _merge(base: dict, override: dict) -> dict:
     return out
 
 
-def load_demo_config(path: str | Path = DEFAULT_CONFIG, quick: bool = False) -> DemoConfig:
-    """The demo config, with its `quick:` overrides merged in when asked; both versions are checked."""
+def load_demo_config(path: str | Path = DEFAULT_CONFIG, quick: bool = False, overrides: list[str] = ()) -> DemoConfig:
+    """The demo config, with its `quick:` section merged in when asked, then the dotted `key=value`
+    `overrides` set; both versions (with and without `quick:`) are checked."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"demo config {path} not found")
-    raw = yaml.safe_load(path.read_text())
-    full = from_mapping(DemoConfig, raw, str(path))
-    small = from_mapping(DemoConfig, _merge(raw, full.quick), str(path))
+    raw = load_yaml(path)
+    full = from_mapping(DemoConfig, apply_overrides(DemoConfig, copy.deepcopy(raw), overrides), str(path))
+    small = from_mapping(DemoConfig, apply_overrides(DemoConfig, _merge(raw, full.quick), overrides), str(path))
     return small if quick else full
 
 
@@ -411,7 +404,8 @@ def format_two_stage(block: dict, steps: dict) -> str:
 
 # ---------------------------------------------------------------------------------------------- run
 def run_demo(output_dir: str | Path = "runs/demo", seed: int = 0, quick: bool = False, progress: bool = True,
-             config_path: str | Path = DEFAULT_CONFIG, test_split: str | None = None, stage_ablation: bool = False) -> dict:
+             config_path: str | Path = DEFAULT_CONFIG, test_split: str | None = None, stage_ablation: bool = False,
+             overrides: list[str] = ()) -> dict:
     """Every phase in order; returns the results (also written to OUT/results.json).
 
     test_split: overrides the config's `synth.test_split` ('rows' or 'norms'). stage_ablation: also train
@@ -424,11 +418,12 @@ def run_demo(output_dir: str | Path = "runs/demo", seed: int = 0, quick: bool = 
     from moa.eval import evaluate, write_report
     from moa.infer.generate import generate_rows
 
-    config = load_demo_config(config_path, quick)
+    config = load_demo_config(config_path, quick, overrides)
     if test_split is not None:
         config.synth["test_split"] = test_split
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "demo_config.json").write_text(json.dumps(asdict(config), indent=1, allow_nan=False) + "\n")
     timings, start = {}, time.perf_counter()
     names = ["synth", "pretrain", "moa", "shared", "eval", "generate"] + ["stage2_only"] * stage_ablation
 
@@ -568,6 +563,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of synthesis, initialisation and training")
     parser.add_argument("--quick", action="store_true", help="a small version (about 2 minutes; no quality targets)")
     parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="demo config YAML")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="set config keys, dotted (pretrain.steps=100 train.stages.1.lr=1e-3), values read as YAML")
     parser.add_argument("--test-split", choices=("rows", "norms"), default=None,
                         help="override synth.test_split: 'rows' (unseen questions about trained customs) or 'norms' "
                              "(customs never trained on)")
@@ -583,5 +580,5 @@ def run(args) -> int:
     check_output_dir(args.output_dir, "data/work/state.json", inputs=[args.config], overwrite=args.overwrite,
                      replace=False)
     run_demo(args.output_dir, seed=args.seed, quick=args.quick, progress=not args.no_progress, config_path=args.config,
-             test_split=args.test_split, stage_ablation=args.stage_ablation)
+             test_split=args.test_split, stage_ablation=args.stage_ablation, overrides=args.overrides)
     return 0

@@ -34,11 +34,16 @@ def test_file_roundtrip_and_unknown_keys(tmp_path):
     cfg.save(tmp_path / "c.json")
     assert moa.MoAConfig.from_file(tmp_path / "c.json") == cfg
     (tmp_path / "c.yaml").write_text("cultures: [japan]\nrank: 8\n")
-    with pytest.raises(ValueError, match=r"c.yaml: unknown key\(s\) \['rank'\]; known keys: \['alpha', 'cultures', "):
+    with pytest.raises(ValueError, match=r"c.yaml: unknown key 'rank'; known keys: \['alpha', 'cultures', "):
         moa.MoAConfig.from_file(tmp_path / "c.yaml")
     (tmp_path / "d.json").write_text(json.dumps({"r": 4}))
     with pytest.raises(ValueError, match=r"d.json: missing required key\(s\) \['cultures'\]"):
         moa.MoAConfig.from_file(tmp_path / "d.json")
+    (tmp_path / "e.yaml").write_text("cultures: [japan]\nr: 8.0\nalpha: 16\ndropout: 5e-2\n")  # YAML 1.2 numbers, int -> float
+    assert moa.MoAConfig.from_file(tmp_path / "e.yaml") == moa.MoAConfig(cultures=["japan"], r=8, alpha=16.0, dropout=0.05)
+    (tmp_path / "f.yaml").write_text("cultures: [japan]\nrslora: 1\n")
+    with pytest.raises(ValueError, match=r"f.yaml: rslora: expected bool, got 1"):
+        moa.MoAConfig.from_file(tmp_path / "f.yaml")
 
 
 def test_targets_matching_nothing():

@@ -260,8 +260,8 @@ def test_training_rows_of_a_culture_the_run_lacks_are_refused(tmp_path):
 
 def test_a_corrupt_synth_cache_is_one_line(tmp_path):
     out = tmp_path / "synth"
-    argv = [sys.executable, "-m", "moa", "synth", str(ROOT / "configs" / "synth" / "tiny.yaml"), "--output-dir", str(out),
-            "--samples", "1", "--cultures", "japan", "--tasks", "mcq", "--no-progress"]
+    argv = [sys.executable, "-m", "moa", "synth", str(ROOT / "configs" / "synth" / "tiny.yaml"), "samples_per_task=1",
+            "cultures=[japan]", "tasks=[mcq]", "--output-dir", str(out), "--no-progress"]
     subprocess.run(argv, check=True, capture_output=True, env=run_env())
     (out / "work" / "cache.sqlite").write_bytes(b"not a database" * 100)
     before = snapshot(out)

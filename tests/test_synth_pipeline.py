@@ -178,20 +178,25 @@ def test_changed_config_is_refused_unless_fresh(tmp_path):
 
 
 def test_config_errors_name_the_bad_key(tmp_path):
-    with pytest.raises(ValueError, match=r"offline.yaml: unknown key\(s\) \['sample_per_task'\]; known keys: \['balance', "):
+    with pytest.raises(ValueError, match=r"offline.yaml: unknown key 'sample_per_task' \(did you mean 'samples_per_task'\?\); known keys: \['balance', "):
         load_config(OFFLINE, sample_per_task=3)
     with pytest.raises(ValueError, match="unknown culture.*'atlantis'"):
         load_config(OFFLINE, cultures=["atlantis"])
-    with pytest.raises(ValueError, match=r"llm \(openai\): unknown key\(s\) \['modle'\]; known keys: \['api_key_env', "):
+    with pytest.raises(ValueError, match=r"unknown key 'llm.modle' \(did you mean 'llm.model'\?\); known keys of llm: \['api_key_env', "):
         load_config(OFFLINE, llm={"backend": "openai", "modle": "x"})
-    with pytest.raises(ValueError, match=r"llm \(openai\): missing required key\(s\) \['model'\]"):
+    with pytest.raises(ValueError, match=r"missing required key\(s\) \['llm.model'\]"):
         load_config(OFFLINE, llm={"backend": "openai"})
-    with pytest.raises(ValueError, match=r"llm \(openai\) needs \['model'\]"):
+    with pytest.raises(ValueError, match=r"llm.model: expected str, got None"):
         load_config(OFFLINE, llm={"backend": "openai", "model": None})
-    with pytest.raises(ValueError, match=r"llm.backend must be one of \['offline', 'openai', 'transformers'\], got"):
+    with pytest.raises(ValueError, match=r"openai backend needs \['model'\]"):
+        load_config(OFFLINE, llm={"backend": "openai", "model": ""})
+    with pytest.raises(ValueError, match=r"llm.backend: expected one of \['offline', 'openai', 'transformers'\], got 'gpt'"):
         load_config(OFFLINE, llm={"backend": "gpt"})
     with pytest.raises(ValueError, match="offline llm backend .* bundled"):
         load_config(OFFLINE, retrieval={"backend": "searxng", "base_url": "http://127.0.0.1:1"})
+    with pytest.raises(ValueError, match=r"offline.yaml: test_fraction: expected float, got 'abc'"):
+        load_config(OFFLINE, ["test_fraction=abc"])
+    assert load_config(OFFLINE, ["llm.cue_free_share=1e-1", "cultures=[japan]"]).llm.cue_free_share == 0.1
 
 
 def test_validator_rejects_each_kind_of_bad_sample():

@@ -20,14 +20,16 @@ def test_tiny_config_loads_with_paths_resolved():
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"learning_rate": 1}, "unknown key(s) ['learning_rate']"),
-    ({"batch": {"micro_size": 2}}, "batch: unknown key(s) ['micro_size']"),
-    ({"moa": {"rank": 4}}, "moa: unknown key(s) ['rank']; known keys: ['alpha', 'cultures',"),
-    ({"stages": {0: {"epochs": 1}}}, "stages[0]: unknown key(s) ['epochs']"),
-    ({"stages": {1: {"lr": -1}}}, "lr must be a positive number, got -1"),
-    ({"precision": "fp8"}, "precision must be one of"),
+    ({"learning_rate": 1}, "unknown key 'learning_rate'"),
+    ({"batch": {"micro_size": 2}}, "unknown key 'batch.micro_size' (did you mean 'batch.micro_batch_size'?)"),
+    ({"moa": {"rank": 4}}, "unknown key 'moa.rank' (did you mean 'moa.r'?); known keys of moa: ['alpha', 'cultures',"),
+    ({"stages": {0: {"epochs": 1}}}, "unknown key 'stages.0.epochs'"),
+    ({"stages": {1: {"lr": -1}}}, "stages.1.lr must be positive, got -1.0"),
+    ({"optim": {"weight_decay": "abc"}}, "optim.weight_decay: expected float, got 'abc'"),
+    ({"stages": {0: {"steps": 2.5}}}, "stages.0.steps: expected int, got 2.5"),
+    ({"precision": "fp8"}, "precision: expected one of 'fp32', 'bf16', 'fp16', got 'fp8'"),
     ({"model": {"quantization": "nf3"}}, "model.quantization must be one of"),
-    ({"batch": {"sampling": "balanced"}}, "batch.sampling must be one of"),
+    ({"batch": {"sampling": "balanced"}}, "batch.sampling: expected one of 'uniform', 'proportional', got 'balanced'"),
 ])
 def test_bad_config_names_the_key(tmp_path, changes, message):
     with pytest.raises(ValueError) as err:

@@ -2,8 +2,9 @@
 `torchrun --nproc_per_node N -m moa.training CONFIG.yaml --deepspeed configs/deepspeed/zero3.json`
 (`deepspeed --num_gpus N -m moa.training ...` works too). Same arguments either way.
 
-The config is validated and every data file read before any model is built. Outputs under the
-output directory: metrics.jsonl, metrics.png, checkpoints/step_N/ and final/ (adapters and
+The config is validated and every data file read before any model is built. `KEY=VALUE` arguments
+after the config set its keys (`moa train cfg.yaml optim.weight_decay=0.01 stages.0.steps=100`).
+Outputs under the output directory: train_config.json (the config in use), metrics.jsonl, metrics.png, checkpoints/step_N/ and final/ (adapters and
 routers as safetensors, moa_config.json, base_model.json; load with moa.base_model.load_moa).
 The output directory must be new or empty, or an earlier run with --resume; --overwrite replaces
 anything else (never a directory holding the run's inputs or the current directory).
@@ -21,6 +22,9 @@ from moa.cli import run_verb
 def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("config", help="training YAML, e.g. configs/train/tiny-cpu.yaml (a path under configs/ that "
                                        "does not exist here names the copy installed with moa)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="set config keys, dotted (optim.weight_decay=0.01 stages.0.steps=100 moa.r=8), values read "
+                             "as YAML; checked like the file")
     parser.add_argument("--output-dir", help="overrides the config's output_dir")
     parser.add_argument("--deepspeed", help="DeepSpeed JSON config, e.g. configs/deepspeed/zero3.json (found as the "
                                             "config is); overrides the config's 'deepspeed'")
@@ -45,7 +49,7 @@ def run(args) -> int:
     from .config import TrainConfig
 
     path = config_file(args.config)
-    config = TrainConfig.from_file(path)
+    config = TrainConfig.from_file(path, args.overrides)
     if args.deepspeed:
         config.deepspeed = str(config_file(args.deepspeed))
     if args.seed is not None:
@@ -60,11 +64,8 @@ def run(args) -> int:
         shutil.rmtree(output_dir)
     from .trainer import Trainer
 
-    try:
-        trainer = Trainer(config, output_dir=output_dir, max_steps=args.max_steps, resume=args.resume,
-                          show_progress=not args.no_progress)
-    except ValueError as err:  # the Trainer validates settings before any model work: those errors are the user's
-        raise UsageError(str(err)) from None
+    trainer = Trainer(config, output_dir=output_dir, max_steps=args.max_steps, resume=args.resume,
+                      show_progress=not args.no_progress)
     final = trainer.run()
     if trainer.rank == 0:
         print(f"adapters and router: {final}")

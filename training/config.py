@@ -1,28 +1,26 @@
 """`TrainConfig`: one YAML file describing a training run. Validated before any compute.
 
 Sections: `model` (moa.config.BaseModelConfig), `moa` (moa.MoAConfig), `stages` (one entry
-per adaptation stage: data, steps, learning rate), `optim`, `batch`, and run settings. Relative
-data, model and DeepSpeed paths are resolved against the config file's directory (output_dir
-against the working directory); unknown keys anywhere are refused.
+per adaptation stage: data, steps, learning rate), `optim`, `batch`, and run settings. Read through
+moa.config_loader: YAML 1.2 numbers, every field's type checked, unknown keys refused, dotted
+`key=value` overrides. Relative data, model and DeepSpeed paths are resolved against the config
+file's directory (output_dir against the working directory).
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
-import yaml
-
-from moa.config import BaseModelConfig, MoAConfig, from_mapping
+from moa.config import BaseModelConfig, MoAConfig
+from moa.config_loader import apply_overrides, from_mapping, load_yaml
 from moa.errors import UsageError
 
-SAMPLING = ("uniform", "proportional")
-PRECISIONS = ("fp32", "bf16", "fp16")
-SCHEDULES = ("cosine", "linear", "constant")
 
-
-def _positive_int(value, name):
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise UsageError(f"{name} must be a positive integer, got {value!r}")
+def _positive(config, *names):
+    for name in names:
+        if getattr(config, name) <= 0:
+            raise UsageError(f"{name} must be positive, got {getattr(config, name)!r}")
 
 
 @dataclass
@@ -36,15 +34,11 @@ class StageConfig:
     tasks: list[str] | None = field(default=None, metadata={"help": "Keep only rows of these tasks (default: all)."})
 
     def __post_init__(self):
-        self.train = [self.train] if isinstance(self.train, str) else list(self.train)
-        self.validation = [self.validation] if isinstance(self.validation, str) else list(self.validation or [])
         if not self.train:
-            raise UsageError(f"stage {self.name!r}: 'train' needs at least one JSONL file")
-        _positive_int(self.steps, f"stage {self.name!r} steps")
-        if not isinstance(self.lr, (int, float)) or self.lr <= 0:
-            raise UsageError(f"stage {self.name!r}: lr must be a positive number, got {self.lr!r}")
-        if not isinstance(self.warmup_steps, int) or not 0 <= self.warmup_steps <= self.steps:
-            raise UsageError(f"stage {self.name!r}: warmup_steps must be in 0..{self.steps}, got {self.warmup_steps!r}")
+            raise UsageError("train needs at least one JSONL file")
+        _positive(self, "steps", "lr")
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise UsageError(f"warmup_steps must be in 0..{self.steps}, got {self.warmup_steps!r}")
 
 
 @dataclass
@@ -52,19 +46,18 @@ class OptimConfig:
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999], metadata={"help": "AdamW betas."})
     eps: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
-    schedule: str = field(default="cosine", metadata={"help": "Decay after warmup within each stage: cosine, linear or constant."})
+    schedule: Literal["cosine", "linear", "constant"] = field(default="cosine", metadata={"help": "Decay after warmup within each stage: cosine, linear or constant."})
     min_lr_ratio: float = field(default=0.1, metadata={"help": "Final learning rate of a stage as a fraction of its peak."})
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm (0 = off)."})
 
     def __post_init__(self):
-        if self.schedule not in SCHEDULES:
-            raise UsageError(f"optim.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise UsageError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
+            raise UsageError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio!r}")
         if len(self.betas) != 2:
-            raise UsageError(f"optim.betas must be two numbers, got {self.betas!r}")
-        if self.max_grad_norm < 0:
-            raise UsageError(f"optim.max_grad_norm must be >= 0, got {self.max_grad_norm!r}")
+            raise UsageError(f"betas must be two numbers, got {self.betas!r}")
+        for name in ("weight_decay", "eps", "max_grad_norm"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"{name} must be >= 0, got {getattr(self, name)!r}")
 
 
 @dataclass
@@ -73,15 +66,11 @@ class BatchConfig:
     global_batch_size: int = field(default=8, metadata={"help": "Rows per optimizer step over all processes; "
                                                                  "gradient accumulation = global / (micro * world size)."})
     max_length: int = field(default=256, metadata={"help": "Tokens per row at most (prompt cut from the left)."})
-    sampling: str = field(default="uniform", metadata={"help": "Rows per culture in a batch: 'uniform' (each culture "
+    sampling: Literal["uniform", "proportional"] = field(default="uniform", metadata={"help": "Rows per culture in a batch: 'uniform' (each culture "
                                                                "equally likely) or 'proportional' (as in the data)."})
 
     def __post_init__(self):
-        _positive_int(self.micro_batch_size, "batch.micro_batch_size")
-        _positive_int(self.global_batch_size, "batch.global_batch_size")
-        _positive_int(self.max_length, "batch.max_length")
-        if self.sampling not in SAMPLING:
-            raise UsageError(f"batch.sampling must be one of {SAMPLING}, got {self.sampling!r}")
+        _positive(self, "micro_batch_size", "global_batch_size", "max_length")
 
     def accumulation(self, world_size: int) -> int:
         per_step = self.micro_batch_size * world_size
@@ -99,7 +88,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "Optimizer and schedule."})
     batch: BatchConfig = field(default_factory=BatchConfig, metadata={"help": "Batch sizes, sequence length, culture sampling."})
     shared_lora: bool = field(default=False, metadata={"help": "Baseline: one LoRA of rank K*r trained on every culture's rows."})
-    precision: str = field(default="fp32", metadata={"help": "fp32, bf16 or fp16 (DeepSpeed mixed precision)."})
+    precision: Literal["fp32", "bf16", "fp16"] = field(default="fp32", metadata={"help": "fp32, bf16 or fp16 (DeepSpeed mixed precision)."})
     deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed JSON config; its 'auto' values are filled from this file."})
     output_dir: str = field(default="runs/train", metadata={"help": "Checkpoints, final/ export and metrics go here."})
     save_interval: int = field(default=50, metadata={"help": "Steps between checkpoints (the last step is always saved)."})
@@ -112,24 +101,14 @@ class TrainConfig:
     seed: int = field(default=0, metadata={"help": "Seed of data sampling and dropout."})
 
     def __post_init__(self):
-        self.model = from_mapping(BaseModelConfig, self.model, "model")
-        self.moa = from_mapping(MoAConfig, self.moa, "moa")
-        if not isinstance(self.stages, list):
-            raise UsageError(f"stages must be a list, got {self.stages!r}")
-        self.stages = [from_mapping(StageConfig, stage, f"stages[{i}]") for i, stage in enumerate(self.stages)]
-        self.optim = from_mapping(OptimConfig, self.optim, "optim")
-        self.batch = from_mapping(BatchConfig, self.batch, "batch")
-        if self.precision not in PRECISIONS:
-            raise UsageError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not self.stages:
             raise UsageError("stages must list at least one stage")
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise UsageError(f"stage names must be unique, got {names}")
-        for name in ("save_interval", "keep_checkpoints", "log_interval", "eval_rows"):
-            _positive_int(getattr(self, name), name)
-        if not isinstance(self.eval_interval, int) or self.eval_interval < 0:
-            raise UsageError(f"eval_interval must be an integer >= 0, got {self.eval_interval!r}")
+        _positive(self, "save_interval", "keep_checkpoints", "log_interval", "eval_rows")
+        if self.eval_interval < 0:
+            raise UsageError(f"eval_interval must be >= 0, got {self.eval_interval!r}")
 
     @property
     def total_steps(self) -> int:
@@ -184,12 +163,8 @@ class TrainConfig:
             self.deepspeed = resolve(self.deepspeed)
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "TrainConfig":
+    def from_file(cls, path: str | Path, overrides: list[str] = ()) -> "TrainConfig":
+        """The config file `path` with the dotted `key=value` overrides set (moa.config_loader.apply_overrides)."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"training config {path} not found")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as err:
-            raise UsageError(f"{path}: not valid YAML: {err}") from None
+        data = apply_overrides(cls, load_yaml(path), overrides)
         return cls.from_dict(data, source=str(path), base_dir=path.parent)

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from moa.base_model import load_base_model, load_tokenizer
 from moa.data import IGNORE_INDEX, padding_id
+from moa.errors import UsageError
 from moa.layers import MoALinear
 from moa.model import MoAForCausalLM
 from moa.routing import TokenRouter
@@ -62,7 +63,7 @@ def _fill(section: dict, key: str, value, source: str):
     if section.get(key, "auto") == "auto":
         section[key] = value
     elif section[key] != value:
-        raise ValueError(f"{source}: {key} is {section[key]!r} but the training config gives {value!r}; "
+        raise UsageError(f"{source}: {key} is {section[key]!r} but the training config gives {value!r}; "
                          f"set it to \"auto\" or make them agree")
 
 
@@ -76,7 +77,7 @@ def deepspeed_config(config: TrainConfig, world: int) -> dict:
         try:
             ds = json.loads(path.read_text())
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not valid JSON: {err}") from None
+            raise UsageError(f"{path}: not valid JSON: {err}") from None
     else:
         ds = json.loads(json.dumps(DS_DEFAULT))
     batch = config.batch
@@ -118,7 +119,7 @@ class Trainer:
         self.output_dir = Path(output_dir or config.output_dir)
         self.end_step = config.total_steps if max_steps is None else min(max_steps, config.total_steps)
         if self.end_step <= 0:
-            raise ValueError(f"max_steps must be positive, got {max_steps}")
+            raise UsageError(f"max_steps must be positive, got {max_steps}")
         self.resume = resume
         self.rank, self.world, self.device = init_distributed()
         self.show_progress = show_progress and self.rank == 0
@@ -127,7 +128,7 @@ class Trainer:
             try:
                 import torch.utils.tensorboard  # noqa: F401
             except ImportError:
-                raise ValueError("tensorboard: true needs the tensorboard package: pip install -e '.[tensorboard]'") from None
+                raise UsageError("tensorboard: true needs the tensorboard package: pip install -e '.[tensorboard]'") from None
         tokenizer = load_tokenizer(config.model)
         cultures, shared = config.moa.cultures, config.shared_lora
         self.stage_data, self.eval_data = [], []

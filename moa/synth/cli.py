@@ -1,7 +1,8 @@
 """Synthesize task-aware cultural training data from a config (configs/synth/*.yaml).
 
-Writes OUTPUT/stage1_{train,validation}.jsonl, OUTPUT/stage2_{train,validation,test}.jsonl and
-OUTPUT/summary.json (with summary.png), prints a culture x task table of valid samples and
+`KEY=VALUE` arguments after the config set its keys (`moa synth CONFIG samples_per_task=12`). Writes
+OUTPUT/synth_config.json (the config in use), OUTPUT/stage1_{train,validation}.jsonl,
+OUTPUT/stage2_{train,validation,test}.jsonl and OUTPUT/summary.json (with summary.png), prints a culture x task table of valid samples and
 rejects. A rerun with the same config resumes: finished jobs are skipped and LLM calls come from
 the cache in OUTPUT/work/. OUTPUT must be new, empty or an earlier synth output (else --overwrite).
 """
@@ -14,17 +15,13 @@ import sys
 from moa.cli import run_verb
 
 
-def _list(text: str) -> list:
-    return [item.strip() for item in text.split(",") if item.strip()]
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="synthesis config YAML, e.g. configs/synth/offline.yaml (a path under configs/ "
                                        "that does not exist here names the copy installed with moa)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="set config keys, dotted (samples_per_task=12 cultures=[japan,india] llm.temperature=0.5), "
+                             "values read as YAML; checked like the file")
     parser.add_argument("--output-dir", help="where to write (default: the config's output_dir)")
-    parser.add_argument("--samples", type=int, help="stage-2 samples per culture and task (overrides samples_per_task)")
-    parser.add_argument("--cultures", type=_list, help="comma-separated cultures (default: the config's)")
-    parser.add_argument("--tasks", type=_list, help="comma-separated tasks (default: the config's)")
     parser.add_argument("--fresh", action="store_true", help="discard an earlier run in the output dir")
     parser.add_argument("--overwrite", action="store_true", help="write into an output dir that holds other files")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -42,8 +39,7 @@ def run(args) -> int:
     from moa.synth.report import format_table, plot_counts
 
     path = config_file(args.config)
-    cfg = load_config(path, output_dir=args.output_dir, samples_per_task=args.samples, cultures=args.cultures,
-                      tasks=args.tasks)
+    cfg = load_config(path, args.overrides, output_dir=args.output_dir)
     check_output_dir(cfg.output_dir, "work/state.json", inputs=[path, cfg.task_dir], overwrite=args.overwrite,
                      replace=False)
     summary = run_pipeline(cfg, fresh=args.fresh, progress=not args.no_progress)

@@ -1,13 +1,13 @@
 """Synthesis run configuration (configs/synth/*.yaml): `SynthConfig` with its `retrieval` and `llm`
-sections, one dataclass per backend, read through moa.config.from_mapping (unknown keys are errors)."""
+sections, one dataclass per backend (picked by the section's `backend`), read through
+moa.config_loader (typed fields, unknown keys refused, dotted overrides)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Literal
 
-import yaml
-
-from moa.config import from_mapping
+from moa.config_loader import apply_overrides, from_mapping, load_yaml
 from moa.data.schema import CULTURES, TASKS
 from moa.errors import UsageError
 from moa.resources import CONFIGS
@@ -15,12 +15,10 @@ from moa.synth.queries import BROAD_QUERIES
 
 DEFAULT_TASK_DIR = CONFIGS / "tasks"
 
-TEST_SPLITS = ("norms", "rows")
-
 
 @dataclass
 class Bm25Config:
-    backend: str = field(metadata={"help": "'bm25': BM25 over a local corpus."})
+    backend: Literal["bm25"] = field(metadata={"help": "'bm25': BM25 over a local corpus."})
     corpus: str = field(default="bundled", metadata={"help": "'bundled' (the norms corpus) or a JSONL corpus file, "
                                                              "relative to the config file."})
     top_k: int = field(default=5, metadata={"help": "Passages retrieved per query."})
@@ -30,7 +28,7 @@ class Bm25Config:
 
 @dataclass
 class SearxngConfig:
-    backend: str = field(metadata={"help": "'searxng': the JSON search API of a SearXNG instance."})
+    backend: Literal["searxng"] = field(metadata={"help": "'searxng': the JSON search API of a SearXNG instance."})
     base_url: str = field(metadata={"help": "URL of the SearXNG instance."})
     top_k: int = field(default=5, metadata={"help": "Passages retrieved per query."})
     timeout_s: float = field(default=10.0, metadata={"help": "Timeout of one search request."})
@@ -41,13 +39,13 @@ class SearxngConfig:
 
 @dataclass
 class OfflineLLMConfig:
-    backend: str = field(metadata={"help": "'offline': samples written from the bundled norms table, no model."})
+    backend: Literal["offline"] = field(metadata={"help": "'offline': samples written from the bundled norms table, no model."})
     cue_free_share: float = field(default=0.15, metadata={"help": "Share of prompts that carry no cultural cue."})
 
 
 @dataclass
 class OpenAIConfig:
-    backend: str = field(metadata={"help": "'openai': an OpenAI-compatible chat completions API."})
+    backend: Literal["openai"] = field(metadata={"help": "'openai': an OpenAI-compatible chat completions API."})
     model: str = field(metadata={"help": "Model name sent with every request."})
     base_url: str = field(default="https://api.openai.com/v1", metadata={"help": "API base URL (vLLM, llama.cpp, Ollama, ...)."})
     api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "Environment variable holding the API key."})
@@ -61,7 +59,7 @@ class OpenAIConfig:
 
 @dataclass
 class TransformersLLMConfig:
-    backend: str = field(metadata={"help": "'transformers': a local causal LM."})
+    backend: Literal["transformers"] = field(metadata={"help": "'transformers': a local causal LM."})
     model: str = field(metadata={"help": "Hub name or local path of the model."})
     max_new_tokens: int = field(default=1024, metadata={"help": "Tokens per reply at most."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (0: greedy)."})
@@ -70,42 +68,26 @@ class TransformersLLMConfig:
     trust_remote_code: bool = field(default=False, metadata={"help": "Passed to transformers; off unless you set it."})
 
 
-RETRIEVAL = {"bm25": Bm25Config, "searxng": SearxngConfig}
-LLM = {"offline": OfflineLLMConfig, "openai": OpenAIConfig, "transformers": TransformersLLMConfig}
-
-
-def _section(raw, choices: dict, where: str):
-    """The backend dataclass `raw` (a mapping with a 'backend' key) describes."""
-    if isinstance(raw, tuple(choices.values())):
-        return raw
-    if not isinstance(raw, dict) or raw.get("backend") not in choices:
-        raise UsageError(f"{where}.backend must be one of {sorted(choices)}, got {raw!r}")
-    section = from_mapping(choices[raw["backend"]], raw, f"{where} ({raw['backend']})")
-    empty = [k for k in ("model", "base_url") if hasattr(section, k) and not getattr(section, k)]
-    if empty:
-        raise UsageError(f"{where} ({raw['backend']}) needs {empty}, got {raw!r}")
-    return section
-
-
 @dataclass
 class SynthConfig:
     output_dir: Path = field(default="runs/synth", metadata={"help": "Where the JSONL files, the summary and work/ "
                                                                      "(finished jobs, the LLM call cache) are written."})
     seed: int = field(default=0, metadata={"help": "Seed of the offline backend, the samplers and the splits."})
-    cultures: list = field(default="all", metadata={"help": "Cultures to synthesize for (bundled names), or 'all'."})
-    tasks: list = field(default_factory=lambda: list(TASKS), metadata={"help": "Stage-2 task formats."})
+    cultures: Literal["all"] | list[str] = field(default="all", metadata={"help": "Cultures to synthesize for (bundled "
+                                                                                 "names), or 'all'."})
+    tasks: list[str] = field(default_factory=lambda: list(TASKS), metadata={"help": "Stage-2 task formats."})
     task_dir: Path | None = field(default=None, metadata={"help": "Directory of the task specs <task>.yaml, relative to "
                                                                   "the config file; None: the bundled configs/tasks."})
     samples_per_task: int = field(default=240, metadata={"help": "Stage-2 samples per culture and task."})
     stage1_samples: int = field(default=80, metadata={"help": "Stage-1 (broad) samples per culture; 0 = none."})
     samples_per_call: int = field(default=10, metadata={"help": "Samples asked of the LLM per call."})
     max_rounds: int = field(default=5, metadata={"help": "Passes over the queries while a job is short of its target."})
-    test_split: str = field(default="norms", metadata={"help": "What the test split holds out: 'norms' (whole norms) "
+    test_split: Literal["norms", "rows"] = field(default="norms", metadata={"help": "What the test split holds out: 'norms' (whole norms) "
                                                                "or 'rows' (unseen questions)."})
     test_fraction: float = field(default=0.2, metadata={"help": "Share of norms (or of stage-2 rows) held out as the test split."})
     validation_fraction: float = field(default=0.1, metadata={"help": "Share of the remaining rows (by phrasing) for validation."})
     balance: bool = field(default=True, metadata={"help": "Cut every culture to the smallest culture's count per task."})
-    broad_queries: list = field(default_factory=lambda: list(BROAD_QUERIES),
+    broad_queries: list[str] = field(default_factory=lambda: list(BROAD_QUERIES),
                                 metadata={"help": "Stage-1 query templates, each with a {culture} slot."})
     max_consecutive_errors: int = field(default=5, metadata={"help": "Failed LLM calls in a row before the run stops."})
     cache: bool = field(default=True, metadata={"help": "Cache the LLM calls (work/cache.sqlite), so a rerun resumes."})
@@ -120,21 +102,18 @@ class SynthConfig:
         if self.cultures == "all":
             self.cultures = list(CULTURES)
         self.output_dir = Path(self.output_dir)
-        self.retrieval = _section(self.retrieval, RETRIEVAL, "retrieval")
-        self.llm = _section(self.llm, LLM, "llm")
+        for section in (self.retrieval, self.llm):
+            empty = [k for k in ("model", "base_url") if not getattr(section, k, True)]
+            if empty:
+                raise UsageError(f"{section.backend} backend needs {empty}, got empty values")
         for key in ("samples_per_task", "samples_per_call", "max_rounds", "max_consecutive_errors"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or value < 1:
-                raise UsageError(f"{key} must be a positive integer, got {value!r}")
-        if not isinstance(self.stage1_samples, int) or self.stage1_samples < 0:
-            raise UsageError(f"stage1_samples must be an integer >= 0, got {self.stage1_samples!r}")
-        if self.test_split not in TEST_SPLITS:
-            raise UsageError(f"test_split must be one of {list(TEST_SPLITS)}, got {self.test_split!r}")
+            if getattr(self, key) < 1:
+                raise UsageError(f"{key} must be a positive integer, got {getattr(self, key)!r}")
+        if self.stage1_samples < 0:
+            raise UsageError(f"stage1_samples must be >= 0, got {self.stage1_samples!r}")
         for key in ("test_fraction", "validation_fraction"):
             if not 0 <= getattr(self, key) < 1:
                 raise UsageError(f"{key} must be within [0, 1), got {getattr(self, key)!r}")
-        if not isinstance(self.cultures, list):
-            raise UsageError(f"cultures must be 'all' or a list of culture names, got {self.cultures!r}")
         unknown = [c for c in self.cultures if c not in CULTURES]
         if unknown:
             raise UsageError(f"unknown culture(s) {unknown}: expected some of {CULTURES}")
@@ -154,21 +133,21 @@ class SynthConfig:
         return out
 
 
-def load_config(path=None, **overrides) -> SynthConfig:
-    """Read a config file (None = all defaults) and apply overrides (None values are ignored).
+def load_config(path=None, overrides: list[str] = (), **values) -> SynthConfig:
+    """Read a config file (None = all defaults), set the dotted `key=value` `overrides` (the command
+    line's) and the top-level `values` (None values are ignored).
 
     A relative task_dir or bm25 corpus is resolved against the config file's directory (the
     working directory without a file)."""
     raw, base, source = {}, Path.cwd(), "synth config"
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"synth config {path} not found")
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = load_yaml(path) or {}
         if not isinstance(raw, dict):
             raise UsageError(f"{path}: expected a mapping of config keys")
         base, source = path.parent, str(path)
-    raw.update({k: v for k, v in overrides.items() if v is not None})
+    raw = apply_overrides(SynthConfig, raw, overrides)
+    raw.update({k: v for k, v in values.items() if v is not None})
     cfg = from_mapping(SynthConfig, raw, source)
     if cfg.retrieval.backend == "bm25" and cfg.retrieval.corpus != "bundled":
         cfg.retrieval.corpus = str((base / cfg.retrieval.corpus).resolve())

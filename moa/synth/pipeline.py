@@ -9,7 +9,7 @@ norms) and written:
 
     OUTPUT/stage1_train.jsonl  stage1_validation.jsonl
     OUTPUT/stage2_train.jsonl  stage2_validation.jsonl  stage2_test.jsonl
-    OUTPUT/summary.json  (OUTPUT/summary.png)
+    OUTPUT/summary.json  (OUTPUT/summary.png)  synth_config.json (the config in use)
 """
 from __future__ import annotations
 
@@ -226,7 +226,7 @@ def _prepare_output(cfg: SynthConfig, fresh: bool) -> Path:
     work = cfg.output_dir / "work"
     if fresh:
         shutil.rmtree(work, ignore_errors=True)
-        for name in list(OUTPUT_FILES.values()) + ["summary.json", "summary.png"]:
+        for name in list(OUTPUT_FILES.values()) + ["summary.json", "summary.png", "synth_config.json"]:
             (cfg.output_dir / name).unlink(missing_ok=True)
     state = work / "state.json"
     fingerprint = json.loads(json.dumps(cfg.fingerprint(), default=str))
@@ -236,6 +236,7 @@ def _prepare_output(cfg: SynthConfig, fresh: bool) -> Path:
                              f"start over or choose another --output-dir")
     else:
         _write_json(state, fingerprint)
+    _write_json(cfg.output_dir / "synth_config.json", json.loads(json.dumps(asdict(cfg), default=str)))
     return work
 
 

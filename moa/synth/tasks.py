@@ -4,9 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
-from moa.config import from_mapping
+from moa.config_loader import from_mapping, load_yaml
 from moa.data.schema import LABELS, TASKS
 from moa.errors import UsageError
 
@@ -17,19 +15,17 @@ class TaskSpec:
     description: str = field(metadata={"help": "What the task asks, in a sentence."})
     instruction: str = field(metadata={"help": "How to write a sample, given to the LLM."})
     answer_format: str = field(metadata={"help": "What the response must look like, given to the LLM."})
-    labels: list | None = field(metadata={"help": "The task's label set (moa.data.LABELS); null for free text."})
+    labels: list[str] | None = field(metadata={"help": "The task's label set (moa.data.LABELS); null for free text."})
     max_prompt_bytes: int = field(metadata={"help": "Longest prompt accepted, in UTF-8 bytes."})
     max_response_bytes: int = field(metadata={"help": "Longest response accepted, in UTF-8 bytes."})
     examples: list = field(metadata={"help": "Example samples ({prompt, response}) shown to the LLM."})
-    queries: list = field(metadata={"help": "Retrieval query templates, each with a {culture} slot."})
+    queries: list[str] = field(metadata={"help": "Retrieval query templates, each with a {culture} slot."})
 
 
 def load_task(path) -> TaskSpec:
     """Read and check one task spec; errors name the file, the field and what was expected."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"task spec {path} not found")
-    spec = from_mapping(TaskSpec, yaml.safe_load(path.read_text(encoding="utf-8")), str(path))
+    spec = from_mapping(TaskSpec, load_yaml(path), str(path))
     if spec.name not in TASKS:
         raise UsageError(f"{path}: unknown task {spec.name!r}: expected one of {TASKS}")
     if spec.labels != LABELS.get(spec.name):
