@@ -46,7 +46,7 @@ def _count(name: str, value, low: int, high: int | None = None) -> int:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_tokens: int = 16  # new tokens; 0 only with prompt_logprobs (the prompt is scored, nothing generated)
+    max_tokens: int = 16  # new tokens; 0: nothing is generated (the prompt alone is read, e.g. scored)
     temperature: float = 1.0  # 0 (or below GREEDY_BELOW) is greedy
     top_p: float = 1.0
     seed: int | None = None  # the request's own random stream (None: a random seed)
@@ -74,7 +74,7 @@ class SamplingParams:
         for name in ("logprobs", "prompt_logprobs"):
             if getattr(self, name) is not None:
                 _count(name, getattr(self, name), 0, MAX_LOGPROBS)
-        _count("max_tokens", self.max_tokens, 0 if self.prompt_logprobs is not None else 1)
+        _count("max_tokens", self.max_tokens, 0)
         stop = self.stop
         if not isinstance(stop, tuple) or len(stop) > MAX_STOP or not all(
                 isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop):

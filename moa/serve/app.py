@@ -1,369 +1,463 @@
 """The OpenAI-compatible HTTP app of `moa serve`: Starlette endpoints in front of the continuous-batching engine.
 
-Endpoints: `GET /v1/models` (every culture, `auto` and `base`), `POST /v1/completions`,
-`POST /v1/chat/completions` (streamed as server-sent events ending in `data: [DONE]`, or not),
-`GET /health` and `GET /metrics` (Prometheus text). A request's `model` picks its culture; every
-response, and the first chunk of a stream, carries `"moa": {"culture", "router_confidence"}`.
-Bad requests get a 4xx with an OpenAI-style error body naming the field; a full engine queue gets
-429 with Retry-After. The engine calls back from its own thread; each request's events cross into
-the event loop through `loop.call_soon_threadsafe` onto an asyncio queue.
+Endpoints: `GET /v1/models` and `/v1/models/{id}` (every culture, `auto` and `base`), `POST
+/v1/completions`, `POST /v1/chat/completions` (streamed as server-sent events ending in `data:
+[DONE]`, or not), vLLM's tokenizer endpoints `GET /tokenizer_info`, `POST /tokenize`, `POST
+/detokenize`, `GET /version`, and the open `GET /health` and `GET /metrics` (Prometheus text). A
+request's `model` picks its culture; every response, and each choice's first chunk of a stream,
+carries `"moa": {"culture", "router_confidence"}`. Bodies are parsed in moa/serve/openai_protocol.py;
+a bad request gets a 4xx with an OpenAI-style error body naming the field, a full engine queue 429
+with Retry-After, anything unexpected a JSON 500 (never plain text). The engine calls back from its
+own thread; each request's events cross into the event loop through `loop.call_soon_threadsafe` onto
+one asyncio queue per HTTP request. Tokenizing runs on a worker thread, off the event loop.
+
+`guard` (an ASGI middleware around every endpoint) gives each request an id (its `X-Request-Id`, or a
+new one, echoed in the response and the log line), requires `Authorization: Bearer <api key>` on
+/v1/* and the tokenizer endpoints when a key is set (compared in constant time), refuses POST bodies
+that are not `application/json` (415: a web page cannot post one to a local server without a CORS
+preflight) and turns any unhandled exception into a JSON 500.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import json
+import logging
 import math
+import re
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request as HTTPRequest
 from starlette.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
-from moa.data import format_prompt
-from moa.serve.engine import QueueFull, Request, SamplingParams
+from moa.serve.detokenizer import TokenStrings, text_offsets
+from moa.serve.engine import QueueFull, Request
+from moa.serve.openai_protocol import SPECIAL_MODELS, ApiError, ParsedRequest, parse, short, text_ids
 
-SPECIAL_MODELS = ("auto", "base")
-COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
-# seconds; the upper bounds of the latency histograms (Prometheus adds +Inf)
-LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-
-
-class ApiError(Exception):
-    """An error answered as `{"error": {"message", "type", "param", "code"}}` with an HTTP status."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
-
-    def body(self) -> dict:
-        kind = {429: "rate_limit_error", 500: "server_error", 502: "upstream_error", 503: "service_unavailable_error",
-                504: "upstream_error"}.get(self.status, "invalid_request_error")
-        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+log = logging.getLogger("moa.serve")
+PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")
+REQUEST_ID = re.compile(r"^[\w.:@-]{1,128}$")
 
 
 def dumps(obj) -> str:
     return json.dumps(obj, allow_nan=False)
 
 
-async def read_json(request: HTTPRequest, max_body_bytes: int) -> dict:
-    """The request's JSON object; 413 past `max_body_bytes` (read no further), 400 when it is not a JSON object."""
+def error_response(e: ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+async def read_json(request: HTTPRequest, max_body_bytes: int, timeout_s: float = 30.0) -> dict:
+    """The request's JSON object: 413 past `max_body_bytes` (read no further), 408 when the body takes longer
+    than `timeout_s` to arrive, 400 when it is not a JSON object of valid text."""
     too_large = ApiError(413, f"request body is over the limit of {max_body_bytes} bytes", code="request_too_large")
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > max_body_bytes:
         raise too_large
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_body_bytes:
-            raise too_large
+
+    async def receive():
+        async for chunk in request.stream():
+            body.extend(chunk)
+            if len(body) > max_body_bytes:
+                raise too_large
+
+    try:
+        await asyncio.wait_for(receive(), timeout_s)
+    except asyncio.TimeoutError:
+        raise ApiError(408, f"the request body did not arrive within {timeout_s:g}s", code="request_timeout") from None
     try:
         value = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ApiError(400, f"malformed JSON body: {e}") from None
+        json.dumps(value, ensure_ascii=False).encode("utf-8")  # a lone surrogate ("\ud800") cannot be text
+    except (UnicodeError, json.JSONDecodeError) as e:
+        raise ApiError(400, f"malformed JSON body: {short(str(e), 200)}") from None
+    except RecursionError:
+        raise ApiError(400, "malformed JSON body: nested too deeply") from None
     if not isinstance(value, dict):
         raise ApiError(400, f"the body must be a JSON object, got {type(value).__name__}")
     return value
 
 
-def _number(body: dict, name: str, default, kinds=(int, float), expected="a number"):
-    """body[name] (null or absent: `default`), refusing values of the wrong JSON type (booleans are not numbers)."""
-    value = body.get(name)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, kinds):
-        raise ApiError(400, f"'{name}' must be {expected}, got {value!r}", param=name)
-    return value
-
-
-def _stop(body: dict) -> tuple[str, ...]:
-    stop = body.get("stop")
-    if stop is None:
-        return ()
-    stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
-        raise ApiError(400, f"'stop' must be a non-empty string or a list of them, got {stop!r}", param="stop")
-    return tuple(stops)
-
-
-def check_model(body: dict, cultures: list[str]) -> str:
-    model = body.get("model")
-    if not isinstance(model, str):
-        raise ApiError(400, f"'model' must be a string (a culture, 'auto' or 'base'), got {model!r}", param="model")
-    if model not in list(cultures) + list(SPECIAL_MODELS):
-        raise ApiError(404, f"unknown model {model!r}: expected one of {list(cultures) + list(SPECIAL_MODELS)}",
-                       param="model", code="model_not_found")
-    return model
-
-
-def prompt_ids(body: dict, chat: bool, tokenizer) -> tuple[list[int], str]:
-    """(token ids, the field they came from). A completion's 'prompt' is raw text; a chat's 'messages' go
-    through the tokenizer's chat template, else training's plain format (moa.data.format_prompt for the
-    last user turn, earlier turns as 'Role: text' lines before it), so one user message gives
-    moa.data.encode_prompt's ids. The tokenizer's BOS goes first unless a chat template placed it."""
-    template = getattr(tokenizer, "chat_template", None)
-    if not chat:
-        text = body.get("prompt")
-        if not isinstance(text, str) or not text:
-            raise ApiError(400, f"'prompt' must be a non-empty string, got {text!r}", param="prompt")
-    else:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and m.get("role") in ("system", "user", "assistant") and isinstance(m.get("content"), str)
-                for m in messages):
-            raise ApiError(400, "'messages' must be a non-empty list of {\"role\": system|user|assistant, "
-                                f"\"content\": string}}, got {messages!r}", param="messages")
-        if template:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        elif messages[-1]["role"] != "user":
-            raise ApiError(400, f"the last message must be the user's (this model's prompt format ends with a user turn), "
-                                f"got role {messages[-1]['role']!r}", param="messages")
-        else:
-            text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages[:-1])
-            text += format_prompt(tokenizer, messages[-1]["content"])
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    bos = getattr(tokenizer, "bos_token_id", None)
-    if bos is not None and not (chat and template):
-        ids = [bos] + ids
-    return ids, "messages" if chat else "prompt"
-
-
-def parse_request(body: dict, chat: bool, tokenizer, cultures: list[str], context_length: int) -> tuple[Request, bool]:
-    """(engine request, stream) for a completion or chat body; ApiError naming the first bad field."""
-    model = check_model(body, cultures)
-    ids, field = prompt_ids(body, chat, tokenizer)
-    if len(ids) >= context_length:
-        raise ApiError(400, f"'{field}' is {len(ids)} tokens, but the context holds {context_length} "
-                            f"(prompt and at least one new token)", param=field, code="context_length_exceeded")
-    room = context_length - len(ids)
-    max_tokens = _number(body, "max_tokens", room if chat else min(COMPLETION_MAX_TOKENS, room), int, "an integer")
-    if max_tokens < 1:
-        raise ApiError(400, f"'max_tokens' must be at least 1, got {max_tokens}", param="max_tokens")
-    if max_tokens > room:
-        raise ApiError(400, f"'max_tokens' is {max_tokens}, but the prompt's {len(ids)} tokens leave {room} of the "
-                            f"context's {context_length}", param="max_tokens", code="context_length_exceeded")
-    temperature = _number(body, "temperature", 1.0)
-    if temperature < 0:
-        raise ApiError(400, f"'temperature' must be at least 0 (0 is greedy), got {temperature}", param="temperature")
-    top_p = _number(body, "top_p", 1.0)
-    if not 0 < top_p <= 1:
-        raise ApiError(400, f"'top_p' must be in (0, 1], got {top_p}", param="top_p")
-    seed = _number(body, "seed", None, int, "an integer")
-    n = _number(body, "n", 1, int, "an integer")
-    if n != 1:
-        raise ApiError(400, f"'n' must be 1 (one choice per request), got {n}", param="n")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise ApiError(400, f"'stream' must be a boolean, got {stream!r}", param="stream")
-    params = SamplingParams(max_tokens=max_tokens, temperature=float(temperature), top_p=float(top_p), seed=seed,
-                            stop=_stop(body))
-    return Request(prompt_ids=ids, model=model, params=params), stream
-
-
-def models_response(cultures: list[str], **fields) -> JSONResponse:
-    """The /v1/models list: every culture (as vLLM lists LoRA modules), then `auto` and `base`, each with `fields`."""
+def models_response(cultures: list[str], model: str | None = None, **fields) -> JSONResponse:
+    """The /v1/models list (every culture, as vLLM lists LoRA modules, then `auto` and `base`), or one of them."""
     created = int(time.time())
-    return JSONResponse({"object": "list", "data": [{"id": name, "object": "model", "created": created, "owned_by": "moa", **fields}
-                                                     for name in list(cultures) + list(SPECIAL_MODELS)]})
+    card = lambda name: {"id": name, "object": "model", "created": created, "owned_by": "moa", **fields}  # noqa: E731
+    names = list(cultures) + list(SPECIAL_MODELS)
+    if model is None:
+        return JSONResponse({"object": "list", "data": [card(name) for name in names]})
+    if model not in names:
+        raise ApiError(404, f"unknown model {short(model)}: expected one of {names}", param="model", code="model_not_found")
+    return JSONResponse(card(model))
 
 
-class Histogram:
-    """A Prometheus histogram: cumulative bucket counts, the sum and the count of observations."""
+def guard(app, api_key: str | None):
+    """The ASGI middleware described in the module docstring."""
+    expected = f"Bearer {api_key}".encode() if api_key else None
 
-    def __init__(self, buckets=LATENCY_BUCKETS):
-        self.buckets, self.counts, self.sum, self.count = buckets, [0] * len(buckets), 0.0, 0
+    async def middleware(scope, receive, send):
+        if scope["type"] != "http":
+            return await app(scope, receive, send)
+        headers = dict(scope["headers"])
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if REQUEST_ID.match(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        start, status = time.perf_counter(), [None]
 
-    def observe(self, value: float) -> None:
-        for i, bound in enumerate(self.buckets):
-            if value <= bound:
-                self.counts[i] += 1
-        self.sum += value
-        self.count += 1
+        async def tagged_send(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), (b"x-request-id", request_id.encode())]}
+            await send(message)
 
-    def lines(self, name: str) -> list[str]:
-        out = [f'{name}_bucket{{le="{bound}"}} {n}' for bound, n in zip(self.buckets, self.counts)]
-        return out + [f'{name}_bucket{{le="+Inf"}} {self.count}', f"{name}_sum {self.sum}", f"{name}_count {self.count}"]
+        async def answer(error: ApiError):
+            await error_response(error)(scope, receive, tagged_send)
 
-
-class Metrics:
-    """What /metrics reports beyond the engine's gauges, counted on the event loop as requests run."""
-
-    def __init__(self, models: list[str]):
-        self.requests = dict.fromkeys(models, 0)  # per culture that ran (`base` included)
-        self.tokens = dict.fromkeys(models, 0)
-        self.finished: dict[str, int] = {}
-        self.rejected: dict[int, int] = {}
-        self.ttft, self.itl = Histogram(), Histogram()
-
-    def render(self, stats: dict) -> str:
-        lines = ["# HELP moa_requests_total Requests that started generating, by the culture that ran them.",
-                 "# TYPE moa_requests_total counter"]
-        lines += [f'moa_requests_total{{culture="{c}"}} {n}' for c, n in self.requests.items()]
-        lines += ["# HELP moa_generated_tokens_total New tokens generated, by culture.", "# TYPE moa_generated_tokens_total counter"]
-        lines += [f'moa_generated_tokens_total{{culture="{c}"}} {n}' for c, n in self.tokens.items()]
-        lines += ["# HELP moa_finished_requests_total Requests finished, by finish reason (stop, length, cancelled, error).",
-                  "# TYPE moa_finished_requests_total counter"]
-        lines += [f'moa_finished_requests_total{{reason="{r}"}} {n}' for r, n in sorted(self.finished.items())]
-        lines += ["# HELP moa_rejected_requests_total Requests answered with an error before they ran, by HTTP status.",
-                  "# TYPE moa_rejected_requests_total counter"]
-        lines += [f'moa_rejected_requests_total{{status="{s}"}} {n}' for s, n in sorted(self.rejected.items())]
-        for name, key, text in (("moa_queue_depth", "queue_depth", "Requests waiting for a slot in the running batch."),
-                                ("moa_running_batch_size", "running", "Requests in the running (decode) batch."),
-                                ("moa_prefilling", "prefilling", "Requests admitted whose prompts are being prefilled."),
-                                ("moa_cache_tokens", "cache_tokens", "KV-cache tokens held by the running batch.")):
-            lines += [f"# HELP {name} {text}", f"# TYPE {name} gauge", f"{name} {stats[key]}"]
-        lines += ["# HELP moa_time_to_first_token_seconds From the request's arrival to its first new token.",
-                  "# TYPE moa_time_to_first_token_seconds histogram", *self.ttft.lines("moa_time_to_first_token_seconds"),
-                  "# HELP moa_inter_token_latency_seconds Between consecutive new tokens of a request.",
-                  "# TYPE moa_inter_token_latency_seconds histogram", *self.itl.lines("moa_inter_token_latency_seconds")]
-        return "\n".join(lines) + "\n"
-
-
-class Generation:
-    """One engine request seen from the event loop: its events counted into the metrics as they arrive
-    (whether or not anyone still reads them) and queued in order for the response."""
-
-    def __init__(self, engine, request: Request, metrics: Metrics):
-        loop = asyncio.get_running_loop()
-        self.queue: asyncio.Queue = asyncio.Queue()
-        self.metrics, self.arrival, self.last_token = metrics, time.perf_counter(), None
-        self.culture, self.confidence, self.tokens, self.finish_reason, self.message = None, None, 0, None, None
+        path, method = scope["path"], scope["method"]
         try:
-            self.handle = engine.submit(request, lambda event: loop.call_soon_threadsafe(self._receive, event))
-        except QueueFull as e:
-            raise ApiError(429, "the server's queue is full: retry later", code="rate_limit_exceeded",
-                           headers={"Retry-After": str(max(1, math.ceil(e.retry_after_s)))}) from None
-        except ValueError as e:
-            raise ApiError(400, str(e)) from None
-        except RuntimeError as e:  # the engine is shutting down
-            raise ApiError(503, str(e), code="shutting_down") from None
-
-    def _receive(self, event) -> None:
-        metrics = self.metrics
-        if event.kind == "routed":
-            self.culture, self.confidence = event.culture, event.router_confidence
-            metrics.requests[event.culture] += 1
-        elif event.kind == "token":
-            now = time.perf_counter()
-            if self.last_token is None:
-                metrics.ttft.observe(now - self.arrival)
+            if expected and path.startswith(PROTECTED) and not hmac.compare_digest(headers.get(b"authorization", b""), expected):
+                await answer(ApiError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                                      code="invalid_api_key"))
+            elif method == "POST" and headers.get(b"content-type", b"").split(b";")[0].strip().lower() != b"application/json":
+                await answer(ApiError(415, "the body must be JSON sent as Content-Type: application/json, got "
+                                           f"{short(headers.get(b'content-type', b'').decode('latin-1'))}",
+                                      code="unsupported_media_type"))
             else:
-                metrics.itl.observe(now - self.last_token)
-            self.last_token = now
-            self.tokens += 1
-            metrics.tokens[self.culture] += 1
-        else:
-            metrics.finished[event.finish_reason] = metrics.finished.get(event.finish_reason, 0) + 1
-        self.queue.put_nowait(event)
+                await app(scope, receive, tagged_send)
+        except Exception:  # noqa: BLE001 (any failure is answered as JSON and logged with the request's id)
+            log.exception("request %s %s %s failed", request_id, method, path)
+            if status[0] is None:
+                await answer(ApiError(500, f"internal error (request {request_id}); the server log has the details"))
+        log.info("%s %s %s %s %.3fs", request_id, method, path, status[0], time.perf_counter() - start)
 
-    async def events(self):
-        """Yield ("routed", None), then ("token", text delta) for each new token, and return once the
-        request is done (finish_reason set); cancels the engine request if the consumer stops early."""
-        try:
-            while self.finish_reason is None:
-                event = await self.queue.get()
-                if event.kind == "done":
-                    self.finish_reason, self.message = event.finish_reason, event.message
-                else:
-                    yield event.kind, event.text if event.kind == "token" else None
-        finally:
-            if self.finish_reason is None:
-                self.handle.cancel()
+    return middleware
+
+
+class Choice:
+    """What one engine request (one choice) has produced so far."""
+
+    def __init__(self, index: int, prompt):
+        self.index, self.prompt = index, prompt
+        self.culture = self.confidence = self.prompt_logprobs = None
+        self.text, self.tokens, self.logprobs, self.tops, self.offsets = [], [], [], [], []
+        self.finish_reason = self.message = None
+
+    def add(self, event) -> None:
+        if event.kind == "routed":
+            self.culture, self.confidence, self.prompt_logprobs = event.culture, event.router_confidence, event.prompt_logprobs
+        elif event.kind == "token":
+            self.text.append(event.text)
+            self.tokens.append(event.token_id)
+            self.logprobs.append(event.logprob)
+            self.tops.append(event.top)
+            self.offsets.append(event.offset)
+        else:
+            self.finish_reason, self.message = event.finish_reason, event.message
 
     def moa(self) -> dict:
         return {"culture": self.culture, "router_confidence": self.confidence}
+
+    def cumulative_logprob(self) -> float:
+        return sum(p for p in self.logprobs if p is not None)
+
+
+class Generation:
+    """The engine requests of one HTTP request (every prompt times best_of), their events merged on one queue."""
+
+    def __init__(self, engine, parsed: ParsedRequest, request_id: str):
+        loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.choices, self.handles, self.open = [], [], 0
+        try:
+            for p, prompt in enumerate(parsed.prompts):
+                for j in range(parsed.best_of):
+                    choice = Choice(p * parsed.best_of + j, prompt)
+                    request = Request(prompt.ids, parsed.model, parsed.choice_params(j), request_id=request_id)
+                    callback = lambda event, c=choice: loop.call_soon_threadsafe(self.queue.put_nowait, (c, event))  # noqa: E731
+                    self.handles.append(engine.submit(request, callback))
+                    self.choices.append(choice)
+                    self.open += 1
+        except QueueFull as e:
+            self.cancel()
+            raise ApiError(429, "the server's queue is full: retry later", code="rate_limit_exceeded",
+                           headers={"Retry-After": str(max(1, math.ceil(e.retry_after_s)))}) from None
+        except ValueError as e:
+            self.cancel()
+            raise ApiError(400, short(str(e), 300)) from None
+        except RuntimeError as e:  # the engine is shutting down
+            self.cancel()
+            raise ApiError(503, str(e), code="shutting_down") from None
+
+    def cancel(self) -> None:
+        for handle in self.handles:
+            handle.cancel()
+
+    async def events(self):
+        """Yield (choice, event) as they arrive until every choice is done; cancel the rest if the consumer stops."""
+        try:
+            while self.open:
+                choice, event = await self.queue.get()
+                choice.add(event)
+                if event.kind == "done":
+                    self.open -= 1
+                yield choice, event
+        finally:
+            if self.open:
+                self.cancel()
+
+    def failed(self) -> Choice | None:
+        return next((c for c in self.choices if c.finish_reason == "error"), None)
 
 
 async def _cancel_on_disconnect(request: HTTPRequest, generation: Generation) -> None:
     while (await request.receive())["type"] != "http.disconnect":
         pass
-    generation.handle.cancel()
+    generation.cancel()
 
 
-async def sse_events(generation: Generation, head: dict, chat: bool):
-    """The server-sent events of a stream: a first chunk with the `moa` field once the request is routed, a chunk
-    per text delta, a last one with the finish reason (or an error object), then `data: [DONE]`."""
-    kind = "chat.completion.chunk" if chat else "text_completion"
+class Responses:
+    """OpenAI response bodies built from finished or streaming choices."""
 
-    def chunk(text: str | None, finish_reason=None, **extra) -> str:
-        if chat:
-            delta = {"role": "assistant", "content": ""} if text is None else ({"content": text} if text else {})
-            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+    def __init__(self, tokenizer, parsed: ParsedRequest, head: dict):
+        self.parsed, self.head, self.strings = parsed, head, TokenStrings(tokenizer)
+        self.tokenizer = tokenizer
+        self.object = "chat.completion" if parsed.chat else "text_completion"
+
+    def _top(self, top, token, logprob) -> dict:
+        entries = {self.strings.get(t): v for t, v in top}
+        entries.setdefault(self.strings.get(token), logprob)
+        return entries
+
+    def completion_logprobs(self, choice: Choice, start: int, echo: bool) -> dict:
+        """The legacy logprobs object of tokens start.. of `choice` (with the prompt's first when `echo`)."""
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        shift = 0
+        if echo:
+            prompt = choice.prompt
+            text, offsets = text_offsets(self.tokenizer, prompt.ids)
+            scored = [(None, None)] + [(lp, top) for lp, top in (choice.prompt_logprobs or [])]
+            for token, offset, (lp, top) in zip(prompt.ids, offsets, scored):
+                out["tokens"].append(self.strings.get(token))
+                out["token_logprobs"].append(lp)
+                out["top_logprobs"].append(None if lp is None else self._top(top, token, lp))
+                out["text_offset"].append(offset)
+            shift = len(prompt.text)
+        for token, lp, top, offset in zip(choice.tokens[start:], choice.logprobs[start:], choice.tops[start:],
+                                          choice.offsets[start:]):
+            out["tokens"].append(self.strings.get(token))
+            out["token_logprobs"].append(lp)
+            out["top_logprobs"].append(self._top(top, token, lp))
+            out["text_offset"].append(shift + offset)
+        return out
+
+    def chat_logprobs(self, choice: Choice, start: int) -> dict:
+        def entry(token, logprob):
+            text = self.strings.get(token)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8", "replace"))}
+
+        return {"content": [{**entry(token, lp), "top_logprobs": [entry(t, v) for t, v in top]}
+                            for token, lp, top in zip(choice.tokens[start:], choice.logprobs[start:], choice.tops[start:])]}
+
+    def usage(self, generation: Generation) -> dict:
+        prompt_tokens = sum(len(p.ids) for p in self.parsed.prompts)
+        completion = sum(len(c.tokens) for c in generation.choices)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion, "total_tokens": prompt_tokens + completion}
+
+    def returned(self, generation: Generation) -> list[Choice]:
+        """The n choices returned per prompt (the best_of with the highest cumulative logprob), renumbered in order."""
+        parsed, out = self.parsed, []
+        for p in range(len(parsed.prompts)):
+            group = generation.choices[p * parsed.best_of:(p + 1) * parsed.best_of]
+            if parsed.best_of > parsed.n:
+                group = sorted(group, key=lambda c: -c.cumulative_logprob())[:parsed.n]
+            out += group
+        return out
+
+    def whole(self, generation: Generation) -> dict:
+        parsed, choices = self.parsed, []
+        for index, choice in enumerate(self.returned(generation)):
+            text = "".join(choice.text)
+            item = {"index": index, "finish_reason": choice.finish_reason}
+            if parsed.chat:
+                item["message"] = {"role": "assistant", "content": text}
+                item["logprobs"] = self.chat_logprobs(choice, 0) if parsed.logprobs is not None else None
+            else:
+                item["text"] = (choice.prompt.text if parsed.echo else "") + text
+                item["logprobs"] = self.completion_logprobs(choice, 0, parsed.echo) if parsed.logprobs is not None else None
+            item["moa"] = choice.moa()
+            choices.append(item)
+        return {**self.head, "object": self.object, "choices": choices, "usage": self.usage(generation),
+                "moa": generation.choices[0].moa()}
+
+    def chunk(self, choice: Choice, event) -> str | None:
+        """The server-sent event for one engine event of a streamed choice (None: nothing to send)."""
+        parsed = self.parsed
+        index = choice.index // parsed.best_of * parsed.n + choice.index % parsed.best_of
+        extra = {}
+        if event.kind == "routed":
+            extra["moa"] = choice.moa()
+            if parsed.chat:
+                item = {"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+            else:
+                item = {"index": index, "text": choice.prompt.text if parsed.echo else "", "finish_reason": None,
+                        "logprobs": self.completion_logprobs(choice, 0, True) if parsed.echo and parsed.logprobs is not None else None}
+        elif event.kind == "token":
+            if not event.text and parsed.logprobs is None:
+                return None
+            start = len(choice.tokens) - 1
+            if parsed.chat:
+                item = {"index": index, "delta": {"content": event.text} if event.text else {}, "finish_reason": None,
+                        "logprobs": self.chat_logprobs(choice, start) if parsed.logprobs is not None else None}
+            else:
+                item = {"index": index, "text": event.text, "finish_reason": None,
+                        "logprobs": self.completion_logprobs(choice, start, False) if parsed.logprobs is not None else None}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
-        return f"data: {dumps({**head, 'object': kind, 'choices': [choice], **extra})}\n\n"
+            if parsed.chat:
+                item = {"index": index, "delta": {}, "logprobs": None, "finish_reason": event.finish_reason}
+            else:
+                item = {"index": index, "text": "", "logprobs": None, "finish_reason": event.finish_reason}
+        if parsed.include_usage:
+            extra["usage"] = None
+        return f"data: {dumps({**self.head, 'object': self.object + ('.chunk' if parsed.chat else ''), 'choices': [item], **extra})}\n\n"
 
-    async for what, delta in generation.events():
-        if what == "routed":
-            yield chunk(None, moa=generation.moa())
-        elif delta:
-            yield chunk(delta)
-    if generation.finish_reason == "error":
-        yield f"data: {dumps(ApiError(500, f'generation failed: {generation.message}').body())}\n\n"
-    else:
-        yield chunk("", generation.finish_reason)
-    yield "data: [DONE]\n\n"
+    async def stream(self, generation: Generation):
+        """A stream's events: per choice a first chunk once it is routed, a chunk per text delta, one with its finish
+        reason; an error event if a choice fails; the usage chunk when asked; then `data: [DONE]`."""
+        async for choice, event in generation.events():
+            if event.kind == "done" and event.finish_reason == "error":
+                yield f"data: {dumps(ApiError(500, f'generation failed: {choice.message}').body())}\n\n"
+                break
+            chunk = self.chunk(choice, event)
+            if chunk is not None:
+                yield chunk
+        else:
+            if self.parsed.include_usage:
+                yield f"data: {dumps({**self.head, 'object': self.object + ('.chunk' if self.parsed.chat else ''), 'choices': [], 'usage': self.usage(generation)})}\n\n"
+        yield "data: [DONE]\n\n"
 
 
-def create_app(engine, tokenizer, *, max_body_bytes: int = 1 << 20, shutdown_timeout: float = 30.0) -> Starlette:
+def tokenizer_info(tokenizer, context_length: int) -> dict:
+    """vLLM's /tokenizer_info: the tokenizer's class, special tokens, context and chat template."""
+    return {"tokenizer_class": type(tokenizer).__name__, "eos_token": tokenizer.eos_token, "bos_token": tokenizer.bos_token,
+            "pad_token": tokenizer.pad_token, "unk_token": getattr(tokenizer, "unk_token", None),
+            "model_max_length": context_length, "chat_template": getattr(tokenizer, "chat_template", None)}
+
+
+def create_app(engine, tokenizer, *, max_body_bytes: int = 1 << 20, shutdown_timeout: float = 30.0,
+               api_key: str | None = None, allowed_origins: list[str] | None = None, body_timeout: float = 30.0) -> Starlette:
     """The Starlette app serving `engine` (started and shut down with the app's lifespan)."""
+    from moa import __version__
+
     cultures = list(engine.cultures)
-    metrics = Metrics(cultures + ["base"])
+    tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moa-tokenize")  # one tokenizer, one thread
+
+    async def off_loop(fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(tokenizing, fn, *args)
 
     async def models(request):
         return models_response(cultures, max_model_len=engine.context_length)
 
+    async def model(request):
+        return models_response(cultures, request.path_params["model"], max_model_len=engine.context_length)
+
     async def health(request):
-        stats = engine.stats()
-        return JSONResponse({"status": "ok", "queue_depth": stats["queue_depth"], "running": stats["running"]})
+        gauges = engine.scheduler.gauges()
+        return JSONResponse({"status": "ok", "queue_depth": gauges["queue_depth"], "running": gauges["running"]})
 
     async def metrics_text(request):
-        return PlainTextResponse(metrics.render(engine.stats()), media_type="text/plain; version=0.0.4")
+        return PlainTextResponse(engine.render_metrics(), media_type="text/plain; version=0.0.4")
+
+    async def version(request):
+        return JSONResponse({"version": __version__})
+
+    async def info(request):
+        return JSONResponse(tokenizer_info(tokenizer, engine.context_length))
+
+    async def tokenize(request):
+        body = await read_json(request, max_body_bytes, body_timeout)
+        special = body.get("add_special_tokens", True)
+        if not isinstance(special, bool):
+            raise ApiError(400, f"'add_special_tokens' must be a boolean, got {short(special)}", param="add_special_tokens")
+        if "messages" in body:
+            from moa.serve.openai_protocol import chat_prompt
+            ids = (await off_loop(chat_prompt, body, tokenizer)).ids
+        else:
+            prompt = body.get("prompt")
+            if not isinstance(prompt, str):
+                raise ApiError(400, f"'prompt' must be a string, got {short(prompt)}", param="prompt")
+            ids = await off_loop(lambda: text_ids(tokenizer, prompt) if special else
+                                 tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        return JSONResponse({"count": len(ids), "max_model_len": engine.context_length, "tokens": ids, "token_strs": None})
+
+    async def detokenize(request):
+        body = await read_json(request, max_body_bytes, body_timeout)
+        ids = body.get("tokens")
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < engine.vocab_size
+                                                for t in ids):
+            raise ApiError(400, f"'tokens' must be a list of token ids in 0..{engine.vocab_size - 1}, got {short(ids)}",
+                           param="tokens")
+        return JSONResponse({"prompt": await off_loop(tokenizer.decode, ids)})
 
     def endpoint(chat: bool):
-        kind = "chat.completion" if chat else "text_completion"
-
         async def handle(request):
+            request_id = request.scope["state"]["request_id"]
             try:
-                body = await read_json(request, max_body_bytes)
-                engine_request, stream = parse_request(body, chat, tokenizer, cultures, engine.context_length)
-                generation = Generation(engine, engine_request, metrics)
+                body = await read_json(request, max_body_bytes, body_timeout)
+                parsed = await off_loop(parse, body, chat, tokenizer, cultures, engine.context_length, engine.vocab_size)
+                generation = Generation(engine, parsed, request_id)
             except ApiError as e:
-                metrics.rejected[e.status] = metrics.rejected.get(e.status, 0) + 1
-                return e.response()
-            head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
-                    "model": engine_request.model}
-            if stream:
-                return StreamingResponse(sse_events(generation, head, chat), media_type="text/event-stream")
+                engine.metrics.reject(e.status)
+                return error_response(e)
+            head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{request_id}", "created": int(time.time()),
+                    "model": parsed.model}
+            responses = Responses(tokenizer, parsed, head)
+            if parsed.stream:
+                return StreamingResponse(responses.stream(generation), media_type="text/event-stream")
             watcher = asyncio.create_task(_cancel_on_disconnect(request, generation))
             try:
-                text = "".join([delta async for what, delta in generation.events() if what == "token"])
+                async for _ in generation.events():
+                    pass
             finally:
                 watcher.cancel()
-            if generation.finish_reason == "error":
-                return ApiError(500, f"generation failed: {generation.message}").response()
-            choice = {"index": 0, "finish_reason": generation.finish_reason}
-            choice.update({"message": {"role": "assistant", "content": text}} if chat else {"text": text, "logprobs": None})
-            prompt_tokens = len(engine_request.prompt_ids)
-            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": generation.tokens,
-                     "total_tokens": prompt_tokens + generation.tokens}
-            return JSONResponse({**head, "object": kind, "choices": [choice], "usage": usage, "moa": generation.moa()})
+            failed = generation.failed()
+            if failed is not None:
+                return error_response(ApiError(500, f"generation failed: {failed.message}"))
+            return JSONResponse(await off_loop(responses.whole, generation))
 
         return handle
+
+    async def api_error(request, e: ApiError):
+        return error_response(e)
+
+    async def http_error(request, e: HTTPException):
+        return error_response(ApiError(e.status_code, f"{request.method} {short(request.url.path)}: {e.detail}"))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         engine.start()
         yield
         await asyncio.to_thread(engine.shutdown, shutdown_timeout)
+        tokenizing.shutdown()
 
-    return Starlette(routes=[Route("/v1/models", models), Route("/health", health), Route("/metrics", metrics_text),
-                             Route("/v1/completions", endpoint(chat=False), methods=["POST"]),
-                             Route("/v1/chat/completions", endpoint(chat=True), methods=["POST"])],
-                     lifespan=lifespan)
+    routes = [Route("/v1/models", models), Route("/v1/models/{model:path}", model), Route("/health", health),
+              Route("/metrics", metrics_text), Route("/version", version), Route("/tokenizer_info", info),
+              Route("/tokenize", tokenize, methods=["POST"]), Route("/detokenize", detokenize, methods=["POST"]),
+              Route("/v1/completions", endpoint(chat=False), methods=["POST"]),
+              Route("/v1/chat/completions", endpoint(chat=True), methods=["POST"])]
+    return build(routes, lifespan, api_key, allowed_origins, {ApiError: api_error, HTTPException: http_error})
+
+
+def build(routes, lifespan, api_key, allowed_origins, handlers) -> Starlette:
+    """A Starlette app with `guard` around its routes and, when origins are given, CORS outside it."""
+    middleware = [Middleware(lambda app: guard(app, api_key))]
+    if allowed_origins:
+        middleware.insert(0, Middleware(CORSMiddleware, allow_origins=allowed_origins, allow_methods=["GET", "POST"],
+                                        allow_headers=["Authorization", "Content-Type", "X-Request-Id"]))
+    return Starlette(routes=routes, lifespan=lifespan, middleware=middleware, exception_handlers=handlers)

@@ -1,7 +1,8 @@
 """The continuous-batching engine of `moa serve`: requests of every culture decode together, one forward per step.
 
 Interface (what the HTTP app uses):
-    engine = Engine(model, tokenizer, max_batch_size=32, max_cache_tokens=65536, max_queue=256, prefill_chunk=256)
+    engine = Engine(model, tokenizer, max_batch_size=32, max_cache_tokens=65536, max_queue=256, prefill_chunk=256,
+                    max_model_len=None)
     engine.start()                                   # the step loop runs on a background thread
     handle = engine.submit(Request(prompt_ids, model, SamplingParams(...)), on_event)
         # raises QueueFull (retry_after_s) when max_queue requests already wait, ValueError naming the bad
@@ -12,7 +13,7 @@ Interface (what the HTTP app uses):
     engine.metrics                                   # the one metrics source (moa.serve.metrics.Metrics)
     engine.stats() -> dict                           # gauges and counters, see `Engine.stats`
     engine.cultures (the adapters' names), engine.context_length (the most tokens, prompt + new, a request may
-    hold: the model's context, or max_cache_tokens / max_batch_size where that is smaller)
+    hold: the smallest of the model's context, max_cache_tokens / max_batch_size and max_model_len)
 `on_event(Event)` is called from the engine thread, in order: one "routed" (culture: a culture name or
 "base"; router_confidence: the router's sequence-level probability of its pick for the prompt;
 prompt_logprobs where asked), one "token" per new token (token_id, text: the new text, held back while
@@ -123,9 +124,10 @@ class Sequence:
 
 class Engine:
     def __init__(self, model, tokenizer, *, max_batch_size: int = 32, max_cache_tokens: int = 65536,
-                 max_queue: int = 256, prefill_chunk: int = 256):
+                 max_queue: int = 256, prefill_chunk: int = 256, max_model_len: int | None = None):
         for name, value in (("max_batch_size", max_batch_size), ("max_cache_tokens", max_cache_tokens),
-                            ("max_queue", max_queue), ("prefill_chunk", prefill_chunk)):
+                            ("max_queue", max_queue), ("prefill_chunk", prefill_chunk),
+                            ("max_model_len", max_model_len or 1)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if max_cache_tokens < max_batch_size:
@@ -140,9 +142,11 @@ class Engine:
         self.scheduler = Scheduler(slab, max_batch_size, max_queue, prefill_chunk)
         positions = int(model.base_model.config.max_position_embeddings)
         # the most tokens (prompt + new) a request may hold: the model's context, or a slab row where that is smaller
-        self.context_length = min(positions, slab.max_columns)
-        self._context_limit = ("the model's context" if positions <= slab.max_columns else
-                               f"max_cache_tokens {max_cache_tokens} / max_batch_size {max_batch_size}")
+        limits = [(positions, "the model's context"),
+                  (slab.max_columns, f"max_cache_tokens {max_cache_tokens} / max_batch_size {max_batch_size}")]
+        if max_model_len is not None:
+            limits.append((max_model_len, f"max_model_len {max_model_len}"))
+        self.context_length, self._context_limit = min(limits, key=lambda limit: limit[0])
         self.eos = eos_ids(model, tokenizer)
         self.sampler = Sampler()
         self.metrics = Metrics(self.cultures + ["base"])

@@ -7,7 +7,10 @@ forwarded unchanged but for `model` to the same path under URL, any OpenAI-compa
 serves each culture under its name; its answer comes back as it is, a stream chunk by chunk, with
 `"moa": {"culture", "router_confidence"}` added to the response or to the stream's first chunk.
 Upstream failures become OpenAI-style errors: unreachable 503, timed out 504, a 5xx or a broken
-answer 502. Upstream 4xx answers (the client's errors, 429 included) pass through.
+answer 502. Upstream 4xx answers (the client's errors, 429 included) pass through. The client's
+`Authorization` header goes upstream with the request (or `upstream_api_key` where given), so an
+upstream vLLM started with `--api-key` accepts it; `api_key` guards this front as it does `moa serve`.
+A request for `auto` holds one prompt (the router picks one culture per upstream request).
 """
 from __future__ import annotations
 
@@ -20,10 +23,13 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from moa.serve.app import ApiError, check_model, dumps, models_response, prompt_ids, read_json
+from moa.serve.app import build, dumps, error_response, models_response, read_json
+from moa.serve.openai_protocol import ApiError, chat_prompt, check_model, completion_prompts
 
 
-def create_front(model, tokenizer, upstream: str, *, timeout_s: float = 60.0, max_body_bytes: int = 1 << 20) -> Starlette:
+def create_front(model, tokenizer, upstream: str, *, timeout_s: float = 60.0, max_body_bytes: int = 1 << 20,
+                 api_key: str | None = None, upstream_api_key: str | None = None, allowed_origins: list[str] | None = None,
+                 body_timeout: float = 30.0) -> Starlette:
     """The Starlette app routing requests with `model`'s router and forwarding them to `upstream`."""
     cultures = list(model.config.cultures)
     upstream = upstream.rstrip("/").removesuffix("/v1")
@@ -34,7 +40,14 @@ def create_front(model, tokenizer, upstream: str, *, timeout_s: float = 60.0, ma
         name = check_model(body, cultures)
         if name != "auto":
             return {"culture": name, "router_confidence": None}
-        ids, _ = prompt_ids(body, chat, tokenizer)
+        if chat:
+            ids = chat_prompt(body, tokenizer).ids
+        else:
+            prompts = completion_prompts(body, tokenizer, model.base_model.config.vocab_size)
+            if len(prompts) > 1:
+                raise ApiError(400, "'prompt' holds several prompts: the router front routes one prompt per 'auto' request",
+                               param="prompt")
+            ids = prompts[0].ids
         culture, confidence = model.route_sequences(torch.tensor([ids], device=model.device))
         return {"culture": cultures[int(culture[0])], "router_confidence": float(confidence[0])}
 
@@ -62,9 +75,11 @@ def create_front(model, tokenizer, upstream: str, *, timeout_s: float = 60.0, ma
     def endpoint(chat: bool, path: str):
         async def handle(request):
             try:
-                body = await read_json(request, max_body_bytes)
+                body = await read_json(request, max_body_bytes, body_timeout)
                 moa = route(body, chat)
-                outgoing = client.build_request("POST", upstream + path, json={**body, "model": moa["culture"]})
+                auth = f"Bearer {upstream_api_key}" if upstream_api_key else request.headers.get("authorization")
+                outgoing = client.build_request("POST", upstream + path, json={**body, "model": moa["culture"]},
+                                                headers={"Authorization": auth} if auth else None)
                 try:
                     answer = await client.send(outgoing, stream=True)
                 except httpx2.HTTPError as e:
@@ -74,7 +89,7 @@ def create_front(model, tokenizer, upstream: str, *, timeout_s: float = 60.0, ma
                     await answer.aclose()
                     raise ApiError(502, f"upstream {upstream} answered {answer.status_code}: {text}")
             except ApiError as e:
-                return e.response()
+                return error_response(e)
             if answer.status_code >= 400:
                 content = await answer.aread()
                 await answer.aclose()
@@ -86,7 +101,7 @@ def create_front(model, tokenizer, upstream: str, *, timeout_s: float = 60.0, ma
             try:
                 result = json.loads(await answer.aread())
             except (httpx2.HTTPError, ValueError) as e:
-                return upstream_error(e).response()
+                return error_response(upstream_error(e))
             finally:
                 await answer.aclose()
             return JSONResponse({**result, "moa": moa})
@@ -104,7 +119,10 @@ def create_front(model, tokenizer, upstream: str, *, timeout_s: float = 60.0, ma
         yield
         await client.aclose()
 
-    return Starlette(routes=[Route("/v1/models", models), Route("/health", health),
-                             Route("/v1/completions", endpoint(False, "/v1/completions"), methods=["POST"]),
-                             Route("/v1/chat/completions", endpoint(True, "/v1/chat/completions"), methods=["POST"])],
-                     lifespan=lifespan)
+    async def api_error(request, e: ApiError):
+        return error_response(e)
+
+    routes = [Route("/v1/models", models), Route("/health", health),
+              Route("/v1/completions", endpoint(False, "/v1/completions"), methods=["POST"]),
+              Route("/v1/chat/completions", endpoint(True, "/v1/chat/completions"), methods=["POST"])]
+    return build(routes, lifespan, api_key, allowed_origins, {ApiError: api_error})
