@@ -1,4 +1,5 @@
-"""The package's modules import each other without cycles, counting imports inside functions too."""
+"""The package's modules import each other without cycles, counting imports inside functions too, and the
+library (the op, the model, its config and saved runs) never imports an application (training, serving, eval, ...)."""
 import ast
 from pathlib import Path
 
@@ -73,3 +74,39 @@ def test_no_import_cycles():
 def test_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+LIBRARY = ["moa.kernels", "moa.model", "moa.routing", "moa.layers", "moa.compat", "moa.saved_run", "moa.config"]
+APPLICATIONS = ["moa.training", "moa.serve", "moa.eval", "moa.infer", "moa.synth", "moa.bench", "moa.demo", "moa.cli"]
+
+
+def upward_import(graph: dict[str, set[str]]) -> list[str] | None:
+    """An import chain from a library module (LIBRARY, the modules under it, and everything they import) to an
+    application module, or None."""
+    def is_application(name):
+        return any(name == app or name.startswith(app + ".") for app in APPLICATIONS)
+
+    chains = {name: [name] for name in graph if any(name == lib or name.startswith(lib + ".") for lib in LIBRARY)}
+    todo = list(chains)
+    while todo:
+        name = todo.pop()
+        for nxt in sorted(graph[name]):
+            if is_application(nxt):
+                return chains[name] + [nxt]
+            if nxt not in chains:
+                chains[nxt] = chains[name] + [nxt]
+                todo.append(nxt)
+    return None
+
+
+def test_library_never_imports_an_application():
+    files = module_files()
+    graph = {name: imports_of(name, path, set(files)) for name, path in files.items()}
+    chain = upward_import(graph)
+    assert chain is None, "library module reaches an application: " + " -> ".join(chain)
+
+
+def test_upward_import_finder_finds_one():
+    graph = {"moa.model": {"moa.data"}, "moa.data": {"moa.eval.scoring"}, "moa.eval.scoring": set(), "moa.eval": set()}
+    assert upward_import(graph) == ["moa.model", "moa.data", "moa.eval.scoring"]
+    assert upward_import({"moa.model": {"moa.data"}, "moa.data": set(), "moa.eval": {"moa.model"}}) is None

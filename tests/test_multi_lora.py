@@ -11,17 +11,19 @@ float64 gradcheck of the torch backend.
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import zlib
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from moa.kernels import AdapterPlan, multi_lora, plan_adapters
-from moa.kernels.multi_lora import cpu as cpu_backend
+from moa.kernels.multi_lora import native_cpu as cpu_backend
 from moa.kernels.multi_lora import resolve_backend
-from moa.kernels.multi_lora import torch as torch_backend
+from moa.kernels.multi_lora import torch_backend
 from moa.kernels.multi_lora.naive import multi_lora_naive
 
 CUDA = torch.cuda.is_available()
@@ -31,7 +33,7 @@ TRITON_DEVICE = "cuda" if CUDA else "cpu"  # the torch and cpu backends run on C
 def triton_backend():
     """The Triton backend module; the Triton cases cannot run without CUDA or Triton's interpreter, which
     tests/conftest.py switches on unless TRITON_INTERPRET was already set otherwise: that fails here."""
-    from moa.kernels.multi_lora import triton as backend
+    from moa.kernels.multi_lora import triton_backend as backend
 
     if not CUDA and not backend.interpreter_active():
         pytest.fail(f"the Triton kernels need CUDA or TRITON_INTERPRET=1 set before their first import; "
@@ -267,6 +269,16 @@ def test_auto_picks_triton_for_cuda_tensors_and_cpu_otherwise():
     assert resolve_backend("triton", torch.zeros(1)) == "triton"
     if CUDA:
         assert resolve_backend("auto", torch.zeros(1, device="cuda")) == "triton"
+
+
+def test_without_triton_auto_takes_the_torch_backend_for_cuda_tensors(monkeypatch):
+    op = importlib.import_module("moa.kernels.multi_lora")  # the package: moa.kernels.multi_lora is also the function
+    cuda_tensor = SimpleNamespace(is_cuda=True)  # stands in for a CUDA tensor on any machine
+    assert resolve_backend("auto", cuda_tensor) == ("triton" if op.HAS_TRITON else "torch")
+    monkeypatch.setattr(op, "HAS_TRITON", False)  # as on macOS and Windows, where triton is not installed
+    assert resolve_backend("auto", cuda_tensor) == "torch" and resolve_backend("auto", torch.zeros(1)) == "cpu"
+    with pytest.raises(ValueError, match="backend 'triton' needs the triton package"):
+        resolve_backend("triton", torch.zeros(1))
 
 
 @pytest.mark.parametrize("bad,match", [

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from moa.kernels import multi_lora
-from moa.kernels.multi_lora import cpu as cpu_backend
+from moa.kernels.multi_lora import native_cpu as cpu_backend
 from moa.kernels.multi_lora.naive import multi_lora_naive
 
 

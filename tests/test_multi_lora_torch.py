@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from moa.kernels import plan_adapters
-from moa.kernels.multi_lora.torch import pick_layout, tables
+from moa.kernels.multi_lora.torch_backend import pick_layout, tables
 
 
 def test_layout_pick_at_serving_shapes():

@@ -16,7 +16,7 @@ if not CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from moa.kernels import multi_lora, plan_adapters  # noqa: E402
-from moa.kernels.multi_lora import triton as triton_backend  # noqa: E402
+from moa.kernels.multi_lora import triton_backend  # noqa: E402
 from moa.kernels.multi_lora.naive import multi_lora_naive  # noqa: E402
 
 DEVICE = "cuda" if CUDA else "cpu"

@@ -3,21 +3,26 @@
     y[t] = base_out[t] + sum_j w[t, j] * s[a] * (x[t] A[a]^T) B[a]^T,   a = adapter_ids[t, j], -1 = no adapter
 
 Modules: `naive` (that definition, token by token: the reference of the tests), `plan` (the tokens
-grouped by adapter, shared by every projection of a forward call), one module per backend (`torch`,
-`cpu` with its native kernel in `csrc/`, `triton`) and `compile` (the ahead-of-time compile report of
-the Triton kernels). This module checks the inputs, builds or reuses the plan and dispatches.
+grouped by adapter, shared by every projection of a forward call), one module per backend
+(`torch_backend`, `native_cpu` with its kernel in `csrc/`, `triton_backend`) and `compile` (the
+ahead-of-time compile report of the Triton kernels). This module checks the inputs, builds or reuses
+the plan and dispatches. Triton is installed only on Linux: without it `auto` takes the torch backend
+for CUDA tensors.
 """
 from __future__ import annotations
 
-from torch import Tensor  # by name: importing the `torch` backend module binds `torch` in this namespace
+import importlib.util
 
-from .cpu import multi_lora_cpu
+from torch import Tensor
+
+from .native_cpu import multi_lora_cpu
 from .plan import AdapterPlan, plan_adapters
-from .torch import multi_lora_torch
+from .torch_backend import multi_lora_torch
 
 __all__ = ["AdapterPlan", "BACKENDS", "multi_lora", "plan_adapters"]
 
 BACKENDS = ("auto", "torch", "cpu", "triton")
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def check_inputs(x, lora_a, lora_b, plan: AdapterPlan, weights, scaling, base_out) -> None:
@@ -44,11 +49,15 @@ def check_inputs(x, lora_a, lora_b, plan: AdapterPlan, weights, scaling, base_ou
 
 
 def resolve_backend(backend: str, x: Tensor) -> str:
-    """"auto" -> "triton" for CUDA tensors, "cpu" otherwise; the others as given."""
+    """"auto" -> "triton" for CUDA tensors ("torch" where triton is not installed), "cpu" otherwise; the
+    others as given."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: expected one of {BACKENDS}")
     if backend == "auto":
-        return "triton" if x.is_cuda else "cpu"
+        return ("triton" if HAS_TRITON else "torch") if x.is_cuda else "cpu"
+    if backend == "triton" and not HAS_TRITON:
+        raise ValueError("backend 'triton' needs the triton package (installed with moa on Linux): "
+                         "use backend='torch' or 'auto'")
     return backend
 
 
@@ -62,7 +71,8 @@ def multi_lora(x, lora_a, lora_b, adapter_ids, weights=None, scaling=1.0, base_o
 
     backend: "torch" (pure torch), "cpu" (a native kernel for decode-shaped inference calls on CPU,
     compiled on first use, the torch backend for the rest), "triton" (fused kernels; CUDA tensors, or
-    CPU tensors under TRITON_INTERPRET=1) or "auto" (triton for CUDA tensors, cpu otherwise). On every
+    CPU tensors under TRITON_INTERPRET=1) or "auto" (triton for CUDA tensors, or torch where triton is not
+    installed; cpu otherwise). On every
     backend, when autograd does not track the call (inference) the result is accumulated into
     `base_out` in place and `base_out` is returned; under autograd the result is a new tensor.
     """
@@ -70,7 +80,7 @@ def multi_lora(x, lora_a, lora_b, adapter_ids, weights=None, scaling=1.0, base_o
     plan = adapter_ids if isinstance(adapter_ids, AdapterPlan) else plan_adapters(adapter_ids, lora_a.shape[0])
     check_inputs(x, lora_a, lora_b, plan, weights, scaling, base_out)
     if backend == "triton":
-        from .triton import multi_lora_triton  # imports triton only when this backend is used
+        from .triton_backend import multi_lora_triton  # imports triton only when this backend is used
 
         return multi_lora_triton(x, lora_a, lora_b, plan, weights, scaling, base_out)
     if backend == "cpu":

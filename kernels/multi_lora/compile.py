@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from . import triton as backend
+from . import triton_backend as backend
 
 TARGETS = {"sm_80": 80, "sm_86": 86, "sm_89": 89, "sm_90": 90}
 _TYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}

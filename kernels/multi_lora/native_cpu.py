@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from .plan import AdapterPlan
-from .torch import multi_lora_torch, rows_apply
+from .torch_backend import multi_lora_torch, rows_apply
 
 SOURCE = Path(__file__).with_name("csrc") / "lora_decode.cpp"
 # -mprefer-vector-width=512: the compiler otherwise keeps to 256-bit vectors on AVX-512 machines (12% slower here)
