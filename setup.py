@@ -1,14 +1,28 @@
-"""Packaging for moa. `kernels/` and `training/` install as `moa.kernels` and `moa.training`; `configs/` as
+"""Packaging for moa, distributed as `moa-cultures` (the name `moa` on PyPI is an unrelated 2014 tool); the import
+package and the command are `moa`. `kernels/` and `training/` install as `moa.kernels` and `moa.training`; `configs/` as
 `moa.configs` and the tiny training set `data/tiny/` as `moa/data/tiny/`, the same layout relative to each other
 as in the repository, so the relative paths inside the configs hold in an installed copy (see moa/resources.py)."""
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
+ROOT = Path(__file__).parent
 moa_packages = find_packages(include=["moa", "moa.*"])
 
 setup(
-    name="moa",
-    version="0.1.0",
+    name="moa-cultures",
+    version=re.search(r'^__version__ = "(.+)"$', (ROOT / "moa" / "__init__.py").read_text(), re.M)[1],
     description="One model, many cultures: culture LoRAs behind a token-level router, fused multi-LoRA kernels",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    license_files=["LICENSE"],
+    url="https://github.com/moa-cultures/moa-cultures",
+    project_urls={"Source": "https://github.com/moa-cultures/moa-cultures",
+                  "Issues": "https://github.com/moa-cultures/moa-cultures/issues",
+                  "Documentation": "https://github.com/moa-cultures/moa-cultures/blob/main/docs/design.md"},
+    classifiers=["Programming Language :: Python :: 3", "Topic :: Scientific/Engineering :: Artificial Intelligence"],
     python_requires=">=3.10",
     packages=moa_packages + ["moa.kernels", "moa.kernels.multi_lora", "moa.training", "moa.configs", "moa.data.tiny"],
     package_dir={"moa.kernels": "kernels", "moa.training": "training", "moa.configs": "configs", "moa.data.tiny": "data/tiny"},
@@ -16,25 +30,27 @@ setup(
                   "moa.configs": ["*/*.yaml", "*/*.json"], "moa.data.tiny": ["*.jsonl", "*.json"]},
     include_package_data=True,
     # Every range was tested: its floor by `.ci/oldest` (the oldest versions allowed), its upper bound by
-    # `.ci/latest` (the newest allowed); `constraints.txt` pins the set the whole suite passed on.
+    # `.ci/latest` (the newest allowed); `constraints.txt` pins the set the whole suite passed on. Libraries
+    # whose internals moa reads are bounded by minor version; the others at their next major version.
     install_requires=[
         "torch>=2.13,<2.14",  # older torch has no CPU-only wheel on PyPI to test with
         "transformers>=4.57.1,<5.25",  # 4.57.0 is yanked; internals move between minor releases: moa/compat.py reads them
-        "peft>=0.17,<0.22",
-        "bitsandbytes>=0.47,<0.51",  # 0.47: nf4 on CPU
-        "deepspeed>=0.19,<0.20",  # 0.18.x: ZeRO-2 on 2 processes diverges from 1 process at step 2
-        "triton>=3.7,<3.10",  # torch 2.13's CUDA build ships triton 3.7.1
-        "einops>=0.8,<0.9",
-        "ninja>=1.11.1,<1.14",  # builds the native CPU decode kernel on first use (torch.utils.cpp_extension)
-        "safetensors>=0.5.3,<0.9",
+        "peft>=0.17,<0.22",  # moa/peft_io.py reads and writes its adapter layout
+        "bitsandbytes>=0.47,<0.51",  # 0.47: nf4 on CPU; moa/bnb.py reads its quantized layers
+        "deepspeed>=0.19,<0.20",  # 0.18.x: ZeRO-2 on 2 processes diverges from 1 process at step 2; fragment API
+        "triton>=3.7,<3.10; platform_system == 'Linux'",  # torch 2.13's CUDA build ships triton 3.7.1; no wheel elsewhere
+        "einops>=0.8,<1",
+        "ninja>=1.11.1,<2",  # builds the native CPU decode kernel on first use (torch.utils.cpp_extension)
+        "safetensors>=0.5.3,<1",
         "pyyaml>=6.0.1,<7",
-        "tqdm>=4.66,<4.71",
-        "matplotlib>=3.8,<3.12",
-        "numpy>=1.26.4,<2.5",
-        "starlette>=1.10,<1.11",  # moa serve: the HTTP app
-        "uvicorn>=0.55,<0.56",  # moa serve: the HTTP server
-        "httpx2>=2.16.2,<2.17",  # moa serve --upstream: the client that forwards to the upstream server
+        "tqdm>=4.66,<5",
+        "matplotlib>=3.8,<4",
+        "numpy>=1.26.4,<3",
+        "starlette>=1.10,<2",  # moa serve: the HTTP app
+        "uvicorn>=0.55,<1",  # moa serve: the HTTP server
+        "httpx2>=2.16.2,<3",  # moa serve --upstream: the client that forwards to the upstream server
     ],
-    extras_require={"dev": ["pytest>=8.2,<9.3", "openai>=3.57,<3.58", "lm-eval[api]>=0.4.13,<0.5"], "tensorboard": ["tensorboard"]},
+    extras_require={"dev": ["pytest>=8.2,<10", "openai>=3.57,<4", "lm-eval[api]>=0.4.13,<1"],
+                    "tensorboard": ["tensorboard"]},
     entry_points={"console_scripts": ["moa=moa.cli:main"]},
 )

@@ -14,6 +14,8 @@ import argparse
 import importlib
 import sys
 
+from moa import __version__
+
 VERBS = {  # verb: (module, one-line help)
     "bench": ("moa.bench.cli", "run a benchmark (table + JSON)"),
     "demo": ("moa.demo", "run the whole pipeline offline on a CPU: synth, pretrain, train MoA and shared LoRA, eval, generate"),
@@ -55,6 +57,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     """The parser of the command line `argv`, with the arguments of the command it names."""
     parser = argparse.ArgumentParser(prog="moa",
                                      description="One model, many cultures: culture LoRAs behind a token-level router.")
+    parser.add_argument("--version", action="version", version=f"moa {__version__} (distribution moa-cultures)")
     add_commands(parser, "verb", VERBS, [word for word in argv if not word.startswith("-")])
     return parser
 

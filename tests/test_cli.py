@@ -1,6 +1,7 @@
 """The `moa` command and the files installed with moa: the parser of a verb loads only that verb, every
 command's `--help` works, and the configs are found from any directory."""
 import filecmp
+import re
 import shutil
 import subprocess
 import sys
@@ -42,6 +43,14 @@ def test_every_command_has_help(argv, capsys):
     assert f"usage: moa {' '.join(argv)} " in capsys.readouterr().out
 
 
+def test_version(capsys):
+    from moa import __version__
+
+    with pytest.raises(SystemExit) as exit:
+        main(["--version"])
+    assert exit.value.code == 0 and capsys.readouterr().out == f"moa {__version__} (distribution moa-cultures)\n"
+
+
 @pytest.mark.parametrize("argv, message", [(["nope"], "invalid choice: 'nope'"), (["bench"], "required: BENCH"),
                                            (["bench", "nope"], "invalid choice: 'nope'")])
 def test_unknown_or_missing_command(argv, message, capsys):
@@ -76,8 +85,13 @@ def test_wheel_ships_configs_tiny_data_and_bundled_data(tmp_path):
                                                                  ".pytest_cache", ".benchmarks"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "-q", "-w", str(tmp_path / "wheel")],
                    check=True, capture_output=True)
-    [wheel] = (tmp_path / "wheel").glob("moa-*.whl")
+    [wheel] = (tmp_path / "wheel").glob("moa_cultures-*.whl")  # the distribution's name; the import package is moa
     shipped = set(zipfile.ZipFile(wheel).namelist())
+    metadata = zipfile.ZipFile(wheel).read(next(n for n in shipped if n.endswith(".dist-info/METADATA"))).decode()
+    assert "Name: moa-cultures" in metadata and re.search(r"^License(-Expression)?: Apache-2.0$", metadata, re.M)
+    assert "Requires-Dist: triton<3.10,>=3.7; platform_system == \"Linux\"" in metadata
+    assert "# moa: one model, many cultures" in metadata  # the README as the long description
+    assert any(n.endswith("LICENSE") for n in shipped)
     expected = {f"moa/configs/{p.relative_to(ROOT / 'configs')}" for p in (ROOT / "configs").rglob("*.*")}
     expected |= {f"moa/data/tiny/{p.name}" for p in (ROOT / "data" / "tiny").glob("*.json*")}
     expected |= {f"moa/data/bundled/{p.name}" for p in (ROOT / "moa" / "data" / "bundled").iterdir()}
