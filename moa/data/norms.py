@@ -14,8 +14,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
+from moa.config_loader import load_yaml
 from moa.data.schema import CULTURES
 from moa.errors import UsageError
 
@@ -99,7 +98,7 @@ def _check_cultures(mapping: dict, where: str, what: str) -> None:
 @functools.lru_cache(maxsize=None)
 def cultures() -> dict:
     """culture key -> Culture, in the order of moa.data.CULTURES."""
-    raw = yaml.safe_load((BUNDLED / "cultures.yaml").read_text(encoding="utf-8"))
+    raw = load_yaml(BUNDLED / "cultures.yaml")
     _require(list(raw) == CULTURES, "cultures.yaml", f"cultures {list(raw)} must be {CULTURES} in that order")
     return {key: Culture(key=key, **fields) for key, fields in raw.items()}
 
@@ -136,7 +135,7 @@ def _taboo(raw: dict) -> Taboo:
 
 @functools.lru_cache(maxsize=None)
 def _norms() -> tuple:
-    raw = yaml.safe_load((BUNDLED / "norms.yaml").read_text(encoding="utf-8"))
+    raw = load_yaml(BUNDLED / "norms.yaml")
     qs = [_question(q) for q in raw["questions"]]
     ts = [_taboo(t) for t in raw["taboos"]]
     ids = [n.id for n in qs + ts]
