@@ -18,11 +18,22 @@ ROUTING_MODES = ("oracle", "router", "topk")
 
 
 TRAIN_ROUTING = ("gold", "router")
+# Model ids that `moa serve` (and the `vllm serve` command of `moa export --format vllm`) give besides the cultures
+RESERVED_CULTURES = ("auto", "base")
+
+
+def reserved_culture_problem(name: str) -> str | None:
+    """Why `name` cannot name a culture, or None when it can."""
+    if name not in RESERVED_CULTURES:
+        return None
+    return (f"culture name {name!r} is reserved: 'auto' (the router's pick) and 'base' (the base model, no adapter) are "
+            f"model ids of `moa serve` and 'base' is the base model's name in the vLLM export; rename the culture")
 
 
 @dataclass
 class MoAConfig:
-    cultures: list[str] = field(metadata={"help": "Culture names; culture id i is cultures[i]. Unique, non-empty."})
+    cultures: list[str] = field(metadata={"help": "Culture names; culture id i is cultures[i]. Unique, non-empty, "
+                                                          "neither 'auto' nor 'base' (model ids of `moa serve`)."})
     r: int = field(default=16, metadata={"help": "LoRA rank of every culture adapter."})
     alpha: float = field(default=32.0, metadata={"help": "LoRA alpha; scaling is alpha / r (alpha / sqrt(r) with rslora)."})
     target_modules: list[str] = field(
@@ -51,6 +62,8 @@ class MoAConfig:
         for name in self.cultures:
             if not isinstance(name, str) or not name.strip():
                 raise UsageError(f"every culture must be a non-empty string, got {name!r}")
+            if problem := reserved_culture_problem(name):
+                raise UsageError(problem)
         dupes = sorted({c for c in self.cultures if self.cultures.count(c) > 1})
         if dupes:
             raise UsageError(f"cultures must be unique, repeated: {dupes}")

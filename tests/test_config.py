@@ -24,6 +24,12 @@ def test_bad_fields(kwargs, match):
         moa.MoAConfig(**kwargs)
 
 
+@pytest.mark.parametrize("name", ["base", "auto"])
+def test_serve_model_ids_are_not_culture_names(name):
+    with pytest.raises(ValueError, match=f"culture name '{name}' is reserved: 'auto' \\(the router's pick\\) and 'base'"):
+        moa.MoAConfig(cultures=["japan", name])
+
+
 def test_scaling_and_rslora():
     assert moa.MoAConfig(cultures=["a"], r=16, alpha=32).scaling == 2.0
     assert moa.MoAConfig(cultures=["a"], r=16, alpha=32, rslora=True).scaling == 8.0

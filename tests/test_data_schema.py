@@ -67,6 +67,16 @@ def test_unknown_culture_accepted_when_listed(tmp_path):
     assert [r["culture"] for r in load_jsonl(path, cultures=["france"])] == ["france"]
 
 
+def test_serve_model_ids_are_refused_as_row_cultures_even_when_listed(tmp_path):
+    path = write(tmp_path / "reserved.jsonl", [{**GOOD[1], "culture": "base"}, {**GOOD[1], "culture": "auto"}])
+    with pytest.raises(DataError) as info:
+        load_jsonl(path, cultures=["base", "auto"])
+    assert [message for _, _, message in info.value.problems] == [
+        f"culture name {name!r} is reserved: 'auto' (the router's pick) and 'base' (the base model, no adapter) are "
+        f"model ids of `moa serve` and 'base' is the base model's name in the vLLM export; rename the culture"
+        for name in ("base", "auto")]
+
+
 def test_missing_file_is_a_data_error(tmp_path):
     with pytest.raises(DataError, match="no such file"):
         load_jsonl(tmp_path / "nope.jsonl")

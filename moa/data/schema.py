@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 from moa.atomic import atomic_file
+from moa.config import reserved_culture_problem
 from moa.errors import UsageError
 
 # The ten bundled national cultures (keys of bundled/cultures.yaml, in this order).
@@ -73,7 +74,9 @@ def row_problems(row, known_cultures=CULTURES, known_tasks=TASKS) -> list[str]:
         if not check(value):
             problems.append(f"field {name!r} must be {expected}, got {value!r}")
     culture, task = row.get("culture"), row.get("task")
-    if isinstance(culture, str) and culture and culture not in known_cultures:
+    if isinstance(culture, str) and (reserved := reserved_culture_problem(culture)):
+        problems.append(reserved)
+    elif isinstance(culture, str) and culture and culture not in known_cultures:
         problems.append(f"unknown culture {culture!r}: expected one of {list(known_cultures)}")
     if isinstance(task, str) and task and task not in known_tasks:
         problems.append(f"unknown task {task!r}: expected one of {list(known_tasks)}")
