@@ -296,12 +296,13 @@ class MoAForCausalLM(nn.Module):
                 raise ValueError(f"{key}: shape {tuple(tensor.shape)} does not fit the model's {tuple(own[key].shape)}")
             own[key].copy_(tensor.to(own[key].device, own[key].dtype))
 
-    def save_pretrained(self, path: str | Path, base_spec: BaseModelConfig | None = None):
+    def save_pretrained(self, path: str | Path, base_spec: BaseModelConfig | None = None, tokenizer=None):
         """Write a saved run (see moa.saved_run): the config and the adapters and routers, not the base, atomically.
 
-        With `base_spec` it also holds base_model.json, so `moa.base_model.load_moa(path)` rebuilds the whole model."""
+        With `base_spec` it also holds base_model.json, so `moa.base_model.load_moa(path)` rebuilds the whole model;
+        with `tokenizer` the tokenizer's files, so `AutoTokenizer.from_pretrained(path)` loads it."""
         base_name = getattr(getattr(self.base_model, "config", None), "_name_or_path", "")
-        saved_run.save(path, self.config, self.adapter_state_dict(), base_spec, str(base_name))
+        saved_run.save(path, self.config, self.adapter_state_dict(), base_spec, str(base_name), tokenizer)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, base_model: nn.Module) -> "MoAForCausalLM":

@@ -6,6 +6,9 @@
                                       names as in the base model) and routers.<layer>.<parameter>
     RUN_DIR/base_model.json           the BaseModelConfig the base model is rebuilt from (written when
                                       given; `moa.base_model.load_moa` needs it)
+    RUN_DIR/tokenizer_config.json ... the tokenizer's files (written when given; what `save_pretrained`
+                                      of the run's tokenizer writes), so clients such as
+                                      lm-evaluation-harness load the run's tokenizer from RUN_DIR
 
 The directory is built under a temporary name and renamed into place, so a reader sees a whole
 run or the previous one. Readers check the files against each other before any model is built.
@@ -31,8 +34,9 @@ _KEY = re.compile(r"^(?:(?P<module>.+)\.lora_(?P<which>[AB])|routers\.(?P<layer>
 
 
 def save(run_dir: str | Path, config: MoAConfig, weights: dict[str, torch.Tensor],
-         base_spec: BaseModelConfig | None = None, base_name: str = "") -> None:
-    """Write a run directory atomically: the config, the adapter and router weights, and `base_spec` if given.
+         base_spec: BaseModelConfig | None = None, base_name: str = "", tokenizer=None) -> None:
+    """Write a run directory atomically: the config, the adapter and router weights, and `base_spec` and
+    `tokenizer` (a transformers tokenizer) if given.
 
     `base_name` (the base model's name or path) is recorded in the safetensors metadata.
     """
@@ -42,6 +46,8 @@ def save(run_dir: str | Path, config: MoAConfig, weights: dict[str, torch.Tensor
         config.save(tmp / CONFIG_NAME)
         if base_spec is not None:
             (tmp / BASE_MODEL_NAME).write_text(json.dumps(base_spec.to_dict(), indent=2, allow_nan=False) + "\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
 
 
 def _file(run_dir: str | Path, name: str) -> Path:

@@ -8,7 +8,7 @@ from peft import LoraConfig, get_peft_model
 
 import moa
 from moa.config import BaseModelConfig
-from moa.tiny import tiny_model
+from moa.tiny import byte_tokenizer, tiny_model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -49,5 +49,5 @@ def save_text_run(path, cultures):
     """A saved run on the TEXT_TINY base, its adapters large enough to change what each culture generates."""
     model = moa.MoAForCausalLM.from_base(fresh_base(**TEXT_TINY), moa.MoAConfig(cultures=cultures, r=4, alpha=8))
     randomize_adapters(model, std=0.2, seed=1)
-    model.save_pretrained(path, base_spec=BaseModelConfig(tiny=TEXT_TINY))
+    model.save_pretrained(path, base_spec=BaseModelConfig(tiny=TEXT_TINY), tokenizer=byte_tokenizer())
     return path

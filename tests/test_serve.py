@@ -8,19 +8,15 @@ and exits 0; the --upstream router front forwards to a second server.
 import asyncio
 import http.client
 import json
-import re
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-from urllib.parse import urlparse
 
 import pytest
 import torch
 from helpers import TEXT_TINY, save_text_run
-from openai import AsyncOpenAI, OpenAI
+from serve_helpers import Server
 
 from moa.base_model import BaseModelConfig, load_base_model, load_moa
 from moa.data import encode_prompt
@@ -43,49 +39,6 @@ def run_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def loaded(run_dir):
     return load_moa(run_dir)
-
-
-class Server:
-    """`python -m moa serve ... --port 0` in a subprocess; its address read from the line it prints."""
-
-    def __init__(self, tmp_path, *args):
-        self.log = open(tmp_path / f"serve-{time.monotonic_ns()}.log", "w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "moa", "serve", *map(str, args), "--port", "0"],
-                                     stdout=subprocess.PIPE, stderr=self.log, text=True)
-        line = self.proc.stdout.readline()
-        match = re.search(r"on (http://[\d.]+:\d+)$", line.strip())
-        assert match, f"no address printed: {line!r}\n{self.stderr()}"
-        self.url = match.group(1)
-        self.host, self.port = urlparse(self.url).hostname, urlparse(self.url).port
-        self.client = OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0)
-        self.aclient = AsyncOpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0)
-
-    def stderr(self) -> str:
-        self.log.seek(0)
-        return self.log.read()
-
-    def request(self, method, path, body=None, headers=None):
-        """(status, headers (case-insensitive), bytes) of one raw HTTP request; `body` is bytes or a JSON-able object."""
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=60)
-        data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-        conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
-        response = conn.getresponse()
-        out = response.status, response.headers, response.read()
-        conn.close()
-        return out
-
-    def metrics(self) -> dict[str, float]:
-        status, _, text = self.request("GET", "/metrics")
-        assert status == 200
-        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-                for line in text.decode().splitlines() if line and not line.startswith("#")}
-
-    def close(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        self.proc.stdout.close()
-        self.log.close()
 
 
 @pytest.fixture(scope="module")

@@ -295,3 +295,75 @@ def test_shutdown_lets_running_requests_finish(model, tokenizer):
     short.submit(Request(encode_prompt(tokenizer, PROMPTS[0]), "japan", greedy(1000)), got.callback("long"))
     assert not short.shutdown(0.2)  # past the timeout the request is ended, not left hanging
     assert got.finish("long") == "error" and "shut down" in got.events["long"][-1].message
+
+
+def test_sampler_rows_fail_alone_and_plain_rows_pay_for_no_logprobs(monkeypatch):
+    from moa.serve import sampler as sampler_module
+    from moa.serve.sampler import RowState, Sampler
+
+    calls = []
+    real = sampler_module.top_entries
+    monkeypatch.setattr(sampler_module, "top_entries", lambda *a: calls.append(1) or real(*a))
+    logits = torch.randn(3, 11)
+    logits[1, 4] = float("nan")
+    rows = [RowState(SamplingParams(max_tokens=1, temperature=0.7, seed=s), torch.Generator().manual_seed(s), [])
+            for s in range(3)]
+    out = Sampler().sample(logits, rows)
+    assert out[1].error and "not finite" in out[1].error
+    assert out[0].error is None and out[2].error is None and not calls  # no logprobs asked: none computed
+    alone = Sampler().sample(logits[2:], [RowState(rows[2].params, torch.Generator().manual_seed(2), [])])
+    assert alone[0].token == out[2].token  # a seeded row draws the same token whatever shares its batch
+    greedy_row = RowState(SamplingParams(max_tokens=1, temperature=1e-40, logprobs=3), torch.Generator(), [])
+    sample = Sampler().sample(logits[:1], [greedy_row])[0]
+    assert greedy_row.params.temperature == 0 and sample.token == int(logits[0].argmax()) and calls
+    expected = logits[0].log_softmax(-1)
+    assert sample.logprob == pytest.approx(float(expected[sample.token]), abs=1e-6)
+    assert [t for t, _ in sample.top] == expected.topk(3).indices.tolist()
+
+
+def test_penalties_and_logit_bias_change_only_their_rows(model, tokenizer):
+    prompt = encode_prompt(tokenizer, PROMPTS[1])
+    engine = Engine(model, tokenizer)
+    engine.start()
+    plain = greedy(12)
+    banned = run_alone(model, tokenizer, Request(prompt, "india", plain))[0][0]
+    got = run(engine, [("plain", Request(prompt, "india", plain)),
+                       ("bias", Request(prompt, "india", greedy(12, logit_bias=((banned, -100.0),)))),
+                       ("penalty", Request(prompt, "india", greedy(12, frequency_penalty=2.0, presence_penalty=2.0)))])
+    assert engine.shutdown(10)
+    assert banned not in got.tokens("bias")
+    tokens = got.tokens("penalty")
+    assert len(set(tokens)) > len(set(got.tokens("plain"))) or len(set(tokens)) == len(tokens)
+    assert got.tokens("plain") == run_alone(model, tokenizer, Request(prompt, "india", plain))[0]
+
+
+def test_a_failing_prefill_or_consumer_ends_only_its_own_request(model, tokenizer):
+    engine = Engine(model, tokenizer, max_batch_size=4)
+    poison = encode_prompt(tokenizer, "poison")
+    real = engine._prefill_together
+
+    def prefill(seqs):
+        if any(seq.prompt_ids == poison for seq in seqs):
+            raise RuntimeError("prefill exploded")
+        real(seqs)
+
+    engine._prefill_together = prefill
+    engine.start()
+    got = Collector()
+    engine.submit(Request(encode_prompt(tokenizer, PROMPTS[0]), "japan", greedy(30)), got.callback("running"))
+    while not got.tokens("running"):
+        time.sleep(0.005)
+    engine.submit(Request(poison, "india", greedy(5)), got.callback("poison"))
+
+    def explode(event):
+        on_event(event)
+        if event.kind == "token":
+            raise ValueError("consumer exploded")
+    on_event = got.callback("consumer")
+    engine.submit(Request(encode_prompt(tokenizer, PROMPTS[2]), "india", greedy(5)), explode)
+    got.wait()
+    assert engine.shutdown(10)
+    assert got.finish("poison") == "error" and "prefill exploded" in got.events["poison"][-1].message
+    assert got.finish("consumer") == "cancelled"
+    assert got.finish("running") == "length" and len(got.tokens("running")) == 30
+    assert engine.stats()["failures"] == {"prefill": 1}

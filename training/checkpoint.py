@@ -33,6 +33,7 @@ from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_s
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from moa.base_model import load_tokenizer
 from moa.errors import UsageError
 
 STATE_NAME = "trainer_state.json"
@@ -66,11 +67,12 @@ def gathered(params, modifier_rank=None):
 
 
 def export_adapters(engine, out_dir: Path, base_spec):
-    """Every rank gathers the adapters and routers; rank 0 writes them (atomically) as safetensors."""
+    """Every rank gathers the adapters and routers; rank 0 writes them (atomically) as safetensors, with the
+    base's spec and tokenizer files."""
     model = engine.module
     with gathered(p for p in model.parameters() if p.requires_grad):  # adapters and routers
         if dist.get_rank() == 0:
-            model.save_pretrained(out_dir, base_spec=base_spec)
+            model.save_pretrained(out_dir, base_spec=base_spec, tokenizer=load_tokenizer(base_spec))
     dist.barrier()
 
 

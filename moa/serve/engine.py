@@ -233,7 +233,7 @@ class Engine:
                 for seq in cancelled:
                     self._finish(seq, "cancelled")
                 if plan.whole:
-                    self._guard("prefill", plan.whole, self._prefill_together, plan.whole)
+                    self._prefill_whole(plan.whole)
                 for seq, tokens in plan.chunks:
                     self._guard("prefill", [seq], self._prefill, seq, tokens)
                 if scheduler.running:
@@ -247,6 +247,20 @@ class Engine:
             fn(*args)
         except Exception as e:  # noqa: BLE001 (one part's failure ends its own requests, never the engine)
             self._fail([seq for seq in seqs if not seq.done], stage, f"{type(e).__name__}: {e}")
+
+    def _prefill_whole(self, seqs: list) -> None:
+        """Prefill whole prompts together; if that fails, each request not yet started again on its own, so a
+        request that cannot be prefilled fails alone."""
+        try:
+            self._prefill_together(seqs)
+        except Exception as e:  # noqa: BLE001
+            if len(seqs) == 1:
+                return self._fail(seqs, "prefill", f"{type(e).__name__}: {e}")
+            started = [seq for seq in seqs if seq.tokens and not seq.done]
+            self._fail(started, "prefill", f"{type(e).__name__}: {e}")
+            for seq in seqs:
+                if not seq.tokens and not seq.done:
+                    self._guard("prefill", [seq], self._prefill_together, [seq])
 
     def _fail(self, seqs: list, stage: str, message: str) -> None:
         self.scheduler.leave(seqs)
