@@ -8,14 +8,18 @@ MoA config and how to apply the router). moa export --model RUN_DIR --format mer
 --output-dir OUT writes one transformers model directory with that culture's LoRA folded into the
 base weights (W + scaling * B @ A), loadable by `AutoModelForCausalLM.from_pretrained(OUT)`; the base
 must not be quantized. moa export --model RUN_DIR --format vllm --output-dir OUT writes the peft export
-plus OUT/vllm_serve.sh, the `vllm serve BASE --enable-lora --lora-modules <culture>=OUT/<culture> ...`
-command that serves every culture under its name (printed too); a base built from a config is
-written to OUT/base for it. Every export is built under a temporary name and renamed into place.
+plus OUT/vllm_serve.sh, the `vllm serve BASE --served-model-name base --dtype D --enable-lora --lora-modules
+'{"name": <culture>, "path": OUT/<culture>}' ...` command that serves every culture under its name (printed
+too), checked against vLLM 0.33.0's source. A base built from a config is written to OUT/base (with its
+tokenizer), a base directory's byte tokenizer to OUT/tokenizer; an nf4 base is quantized by vLLM as it
+loads it (--quantization bitsandbytes, through the vllm-bnb-plugin package); fp4 and int8 bases are refused,
+as vLLM cannot quantize a base that way. Every export is built under a temporary name and renamed into place.
 """
 from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -29,7 +33,12 @@ FORMATS = ("peft", "merged", "vllm")
 ROUTER_FILE = "router.safetensors"
 MANIFEST_FILE = "manifest.json"
 VLLM_SCRIPT = "vllm_serve.sh"
-VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts
+VLLM_BASE_DIR = "base"  # a base built from a config, written for vLLM
+VLLM_TOKENIZER_DIR = "tokenizer"  # the byte tokenizer of a base directory, written for vLLM
+VLLM_CHECKED = "vLLM 0.33.0 and vllm-bnb-plugin 0.0.2"  # whose source the command was checked against
+VLLM_BNB_INSTALL = ("vllm-bnb-plugin (pip install vllm-bnb-plugin, beside vLLM): vLLM >= 0.28 quantizes with "
+                    "bitsandbytes only through it")
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts (vllm/config/lora.py)
 
 ROUTER_HOW_TO_APPLY = {
     "gate": "Per decoder layer l (in order, routers.<l>), with W = routers.<l>.taps.weight (window*dim rows, row block j "
@@ -117,47 +126,75 @@ def export_merged(run_dir: str | Path, culture: str, out_dir: str | Path, overwr
 
 
 def vllm_command(base: str, adapters: dict[str, Path], rank: int, options: tuple[str, ...] = ()) -> str:
-    """The `vllm serve` command line serving `base` (as model `base`, with `options`) and each adapter under its culture's name."""
+    """The `vllm serve` command line serving `base` (as model `base`, with `options`) and each adapter under its culture's name.
+
+    Each --lora-modules item is vLLM's JSON form {"name": ..., "path": ...}, shell-quoted: vLLM reads an item without
+    a comma as name=path (vllm/entrypoints/common/cli_args.py, LoRAParserAction), which a ',' or '=' in a name or
+    path would break.
+    """
     import shlex
 
     max_rank = next((r for r in VLLM_LORA_RANKS if r >= rank), None)
     if max_rank is None:
         raise UsageError(f"LoRA rank {rank} is above vLLM's largest --max-lora-rank {VLLM_LORA_RANKS[-1]}")
-    modules = " ".join(shlex.quote(f"{name}={path}") for name, path in adapters.items())
+    modules = " ".join(shlex.quote(json.dumps({"name": name, "path": str(path)})) for name, path in adapters.items())
     return (f"vllm serve {shlex.quote(base)} --served-model-name base {' '.join(map(shlex.quote, options))}"
             f"{' ' if options else ''}--enable-lora --lora-modules {modules} --max-lora-rank {max_rank} --max-loras {len(adapters)}")
 
 
-def _vllm_options(spec) -> tuple[str, ...]:
-    """vLLM options for a base spec: its own tokenizer directory, remote code, 4-bit bitsandbytes quantization."""
-    options = []
-    if spec.path is not None and spec.tokenizer not in (None, "byte", spec.path):
-        options += ["--tokenizer", str(Path(spec.tokenizer).resolve())]
-    if spec.trust_remote_code:
-        options.append("--trust-remote-code")
-    if spec.quantization in ("nf4", "fp4"):  # vLLM quantizes the full-precision base to 4 bits as it loads it
-        options += ["--quantization", "bitsandbytes"]
-    return tuple(options)
+def _vllm_quantization(spec) -> tuple[str, ...]:
+    """The vLLM options that quantize the base as moa did; a quantization vLLM cannot reproduce is refused."""
+    if spec.quantization is None:
+        return ()
+    if spec.quantization == "nf4":  # vllm-bnb-plugin quantizes while loading: nf4, double quantization, as moa's nf4
+        return ("--quantization", "bitsandbytes")
+    reason = {"fp4": "vLLM quantizes a full-precision base while loading it to nf4 only, never fp4",
+              "int8": "vLLM quantizes a full-precision base while loading it to 4-bit nf4 only; it reads 8-bit "
+                      "bitsandbytes only from a pre-quantized checkpoint, which moa does not write"}[spec.quantization]
+    raise UsageError(f"--format vllm cannot serve a base with quantization {spec.quantization!r}: {reason}, so the adapters "
+                     f"would run on a different base than they were trained on; serve the run with `moa serve` (or load "
+                     f"--format peft with transformers + PEFT), or train on an nf4 or unquantized base to serve it with vLLM")
 
 
 def export_vllm(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> str:
-    """The peft export plus OUT/vllm_serve.sh (and OUT/base for a base built from a config); returns the command."""
-    from moa.base_model import load_base_model
+    """The peft export plus OUT/vllm_serve.sh, the base's tokenizer where vLLM would not find it, and OUT/base for a
+    base built from a config; returns the command."""
+    from moa.base_model import load_base_model, load_tokenizer
 
+    config, spec = saved_run.read(run_dir)
+    clash = sorted(set(config.cultures) & {VLLM_SCRIPT, VLLM_TOKENIZER_DIR})
+    if clash:
+        raise UsageError(f"culture(s) {clash} cannot be exported for vLLM: {VLLM_SCRIPT!r} and {VLLM_TOKENIZER_DIR!r} "
+                         f"name files of the export; rename the culture")
+    options = ["--dtype", spec.dtype, *_vllm_quantization(spec)]
+    if spec.trust_remote_code:
+        options.append("--trust-remote-code")
     manifest = export_peft(run_dir, out_dir, overwrite)
     out_dir = Path(out_dir).resolve()
-    config, spec = saved_run.read(run_dir)
-    base = spec.path
-    if base is None:  # a tiny base from a config: vLLM loads models from directories only
-        model, tokenizer = load_base_model(spec)
-        base = str(out_dir / "base")
+    if spec.path is None:  # a tiny base from a config, written at full precision (vLLM quantizes it as it loads it)
+        base = out_dir / VLLM_BASE_DIR
+        model, tokenizer = load_base_model(replace(spec, quantization=None))
         with atomic_directory(base, marker="config.json") as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-    command = vllm_command(str(Path(base).resolve()), {c["name"]: out_dir / c["adapter_dir"] for c in manifest["cultures"]},
-                           config.r, _vllm_options(spec))
+    else:
+        base = Path(spec.path).resolve()
+        if spec.tokenizer == "byte":  # no files of its own: written for vLLM to load
+            tokenizer = out_dir / VLLM_TOKENIZER_DIR
+            with atomic_directory(tokenizer, marker="tokenizer_config.json") as tmp:
+                load_tokenizer(spec).save_pretrained(tmp)
+        else:
+            tokenizer = Path(spec.tokenizer or spec.path).resolve()
+        if tokenizer != base:
+            options += ["--tokenizer", str(tokenizer)]
+    command = vllm_command(str(base), {c["name"]: out_dir / c["adapter_dir"] for c in manifest["cultures"]},
+                           config.r, tuple(options))
     with atomic_file(out_dir / VLLM_SCRIPT) as f:
-        f.write(f"#!/bin/sh\n# serve every culture of {Path(run_dir).resolve()} as a vLLM LoRA module\nexec {command} \"$@\"\n")
+        f.write(f"#!/bin/sh\n# serve every culture of {str(Path(run_dir).resolve())!r} as a vLLM LoRA module\n"
+                f"# checked against the source of {VLLM_CHECKED}\n")
+        if spec.quantization is not None:
+            f.write(f"# a 4-bit base needs {VLLM_BNB_INSTALL}\n")
+        f.write(f"exec {command} \"$@\"\n")
     (out_dir / VLLM_SCRIPT).chmod(0o755)
     return command
 
@@ -183,7 +220,8 @@ def run(args) -> int:
         raise UsageError(f"--culture {args.culture!r} applies to --format merged only; --format {args.format} exports every culture")
     elif args.format == "vllm":
         command = export_vllm(args.model, args.output_dir, args.overwrite)
-        print(f"PEFT adapters and {VLLM_SCRIPT} -> {args.output_dir}\n{command}")
+        notes = [line for line in (Path(args.output_dir) / VLLM_SCRIPT).read_text().splitlines() if line.startswith("# ")]
+        print("\n".join([f"PEFT adapters and {VLLM_SCRIPT} -> {args.output_dir}", *notes, command]))
     else:
         manifest = export_peft(args.model, args.output_dir, args.overwrite)
         print(f"{len(manifest['cultures'])} PEFT adapters, {ROUTER_FILE} and {MANIFEST_FILE} -> {args.output_dir}")
