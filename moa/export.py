@@ -35,7 +35,7 @@ MANIFEST_FILE = "manifest.json"
 VLLM_SCRIPT = "vllm_serve.sh"
 VLLM_BASE_DIR = "base"  # a base built from a config, written for vLLM
 VLLM_TOKENIZER_DIR = "tokenizer"  # the byte tokenizer of a base directory, written for vLLM
-VLLM_CHECKED = "vLLM 0.33.0 and vllm-bnb-plugin 0.0.2"  # whose source the command was checked against
+VLLM_CHECKED = "vLLM 0.33.0 and vllm-bnb-plugin 0.0.3"  # whose source the command was checked against
 VLLM_BNB_INSTALL = ("vllm-bnb-plugin (pip install vllm-bnb-plugin, beside vLLM): vLLM >= 0.28 quantizes with "
                     "bitsandbytes only through it")
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the values vLLM's --max-lora-rank accepts (vllm/config/lora.py)

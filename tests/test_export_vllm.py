@@ -1,7 +1,7 @@
 """moa export --format vllm: every culture as a PEFT LoRA module, the base (and its tokenizer) where vLLM finds them,
 and the exact `vllm serve` command, for every kind of base.
 
-`vllm_accepts` checks a command and the files it names by the rules of vLLM 0.33.0's source (vllm-bnb-plugin 0.0.2
+`vllm_accepts` checks a command and the files it names by the rules of vLLM 0.33.0's source (vllm-bnb-plugin 0.0.3
 for bitsandbytes), each rule citing its file; vLLM itself is not installed here.
 """
 import argparse
@@ -107,7 +107,7 @@ def export(run_dir, out, capsys):
     printed = capsys.readouterr().out.strip().splitlines()
     script = (out / "vllm_serve.sh").read_text()
     assert script.startswith("#!/bin/sh\n") and script.endswith(f"exec {printed[-1]} \"$@\"\n")
-    assert "# checked against the source of vLLM 0.33.0 and vllm-bnb-plugin 0.0.2" in script.splitlines()
+    assert "# checked against the source of vLLM 0.33.0 and vllm-bnb-plugin 0.0.3" in script.splitlines()
     assert (out / "vllm_serve.sh").stat().st_mode & 0o111
     return printed, script
 
