@@ -12,12 +12,15 @@ Systems, each on the same load:
            longest request is done
   single   one culture at a time through one adapter: static batches of the oldest waiting request's
            culture only (a server holding a single adapter)
+  logprobs the moa engine on the same load, every request asking for `logprobs: 5` (its logprob and the
+           top 5 per new token): what the logprobs cost
 Reported per system and load: output tokens/s (median over --runs, and min..max), time to first token
 and inter-token latency p50/p99 (pooled over the runs). Timings depend on the machine; tests never assert them.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import random
 import statistics
 import threading
@@ -29,7 +32,7 @@ from moa.bench.common import add_model_arguments, llama_base, print_table, stamp
 from moa.errors import UsageError
 from moa.serve import openmp
 
-SYSTEMS = ("moa", "base", "static", "single")
+SYSTEMS = ("moa", "base", "static", "single", "logprobs")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -223,7 +226,9 @@ def run_system(system: str, model, args, requests: list, load) -> dict:
         server.shutdown()
         return result
     if system == "base":
-        requests = [type(r)(r.prompt_ids, "base", r.params) for r in requests]
+        requests = [dataclasses.replace(r, model="base") for r in requests]
+    if system == "logprobs":
+        requests = [dataclasses.replace(r, params=dataclasses.replace(r.params, logprobs=5)) for r in requests]
     engine = Engine(model, TokenIds(), max_batch_size=args.max_batch_size,
                     max_cache_tokens=args.max_batch_size * 4096)
     engine.start()
@@ -297,11 +302,14 @@ def run(args) -> int:
 
 
 def ratios_of(results: list[dict]) -> dict:
-    """moa's tokens/s over each other system's, per load (medians over the runs)."""
+    """moa's tokens/s over each other system's, and logprobs' over moa's, per load (medians over the runs)."""
     by = {(r["system"], r["load"]): r["tokens_per_s"] for r in results}
     loads = list(dict.fromkeys(r["load"] for r in results))
     systems = {r["system"] for r in results}
     if "moa" not in systems:
         return {}
-    return {f"moa/{other}": {load: by[("moa", load)] / by[(other, load)] for load in loads}
-            for other in ("base", "static", "single") if other in systems}
+    ratios = {f"moa/{other}": {load: by[("moa", load)] / by[(other, load)] for load in loads}
+              for other in ("base", "static", "single") if other in systems}
+    if "logprobs" in systems:
+        ratios["logprobs/moa"] = {load: by[("logprobs", load)] / by[("moa", load)] for load in loads}
+    return ratios
