@@ -172,11 +172,16 @@ def test_tokenizer_directory_is_passed_with_tokenizer(base_dir, tmp_path, capsys
 
 
 @pytest.mark.slow  # loads the base through bitsandbytes
-def test_nf4_base_is_quantized_by_vllm_through_the_bitsandbytes_plugin(base_dir, tmp_path, capsys):
-    run_dir = save_run(tmp_path / "run", BaseModelConfig(path=str(base_dir), quantization="nf4", dtype="bfloat16"))
-    printed, script = export(run_dir, tmp_path / "vllm", capsys)
+@pytest.mark.parametrize("tiny", [False, True])
+def test_nf4_base_is_quantized_by_vllm_through_the_bitsandbytes_plugin(base_dir, tmp_path, capsys, tiny):
+    """vLLM gets the full-precision weights (a tiny base is written unquantized) and quantizes them to nf4 itself."""
+    where = {"tiny": {"family": "llama"}} if tiny else {"path": str(base_dir)}
+    run_dir = save_run(tmp_path / "run", BaseModelConfig(**where, quantization="nf4", dtype="bfloat16"))
+    out = tmp_path / "vllm"
+    printed, script = export(run_dir, out, capsys)
     args, _ = vllm_accepts(printed[-1])
-    assert args.quantization == "bitsandbytes" and args.dtype == "bfloat16" and args.model_tag == str(base_dir.resolve())
+    assert args.quantization == "bitsandbytes" and args.dtype == "bfloat16"
+    assert args.model_tag == str(out.resolve() / "base" if tiny else base_dir.resolve())
     note = ("# a 4-bit base needs vllm-bnb-plugin (pip install vllm-bnb-plugin, beside vLLM): vLLM >= 0.28 quantizes "
             "with bitsandbytes only through it")
     assert note in script.splitlines() and note in printed
