@@ -49,8 +49,9 @@ setup(
         "starlette>=1.10,<2",  # moa serve: the HTTP app
         "uvicorn>=0.55,<1",  # moa serve: the HTTP server
         "httpx2>=2.16.2,<3",  # moa serve --upstream: the client that forwards to the upstream server
+        "openai>=3.57,<4",  # moa synth: the OpenAI-compatible backend (AsyncOpenAI, retries, the Batch API)
     ],
-    extras_require={"dev": ["pytest>=8.2,<10", "openai>=3.57,<4", "lm-eval[api]>=0.4.13,<1"],
+    extras_require={"dev": ["pytest>=8.2,<10", "lm-eval[api]>=0.4.13,<1"],
                     "tensorboard": ["tensorboard"]},
     entry_points={"console_scripts": ["moa=moa.cli:main"]},
 )

@@ -1,65 +1,22 @@
-"""HTTP backends against real servers on loopback: the OpenAI-compatible chat API and SearXNG search."""
+"""HTTP backends against real servers on loopback: the OpenAI-compatible chat API (through the openai
+client) and SearXNG search (through moa's small HTTP client)."""
+import asyncio
+import email.utils
 import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from synth_helpers import Server, chat
 
 from moa.errors import UsageError
 from moa.synth import pipeline
-from moa.synth.backends import BackendError, OpenAIBackend
+from moa.synth.backends import BackendError, OpenAIBackend, RateLimiter
 from moa.synth.config import load_config
 from moa.synth.httpjson import HttpClient
 from moa.synth.prompting import SynthRequest
 from moa.synth.retrieval import SearxngRetriever
 
 SECRET = "sk-test-0123456789abcdef"
-
-
-class Server:
-    """A loopback HTTP server answering from a script: each request pops the next reply (the last repeats)."""
-
-    def __init__(self, script):
-        self.script, self.seen = list(script), []
-        owner = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _reply(self):
-                length = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(length) if length else b""
-                owner.seen.append({"path": self.path, "headers": dict(self.headers),
-                                   "body": json.loads(body) if body else None})
-                action = owner.script.pop(0) if len(owner.script) > 1 else owner.script[0]
-                if callable(action):
-                    action = action(owner.seen[-1])
-                status, payload, headers = action.get("status", 200), action.get("payload"), action.get("headers", {})
-                time.sleep(action.get("delay", 0))
-                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
-                try:
-                    self.send_response(status)
-                    for k, v in headers.items():
-                        self.send_header(k, v)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(data)))
-                    self.end_headers()
-                    self.wfile.write(data)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass
-
-            do_GET = do_POST = _reply
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture
@@ -75,10 +32,6 @@ def serve():
         s.close()
 
 
-def chat(content):
-    return {"payload": {"choices": [{"message": {"role": "assistant", "content": content}}]}}
-
-
 def request():
     r = SynthRequest("japan", "yesno", 2, 2, "q", [{"id": "d", "source_type": "x", "title": "t", "text": "x"}])
     r.messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
@@ -86,70 +39,94 @@ def request():
 
 
 def backend(url, **kw):
-    sleeps = []
-    client = HttpClient(timeout_s=kw.pop("timeout_s", 5), max_retries=kw.pop("max_retries", 2), backoff_s=0.01,
-                        sleep=sleeps.append)
-    return OpenAIBackend(model="test-model", base_url=url + "/v1", api_key_env="MOA_TEST_KEY", client=client, **kw), sleeps
+    return OpenAIBackend(model="test-model", base_url=url + "/v1", api_key_env="MOA_TEST_KEY",
+                         timeout_s=kw.pop("timeout_s", 5), max_retries=kw.pop("max_retries", 2), **kw)
+
+
+def generate(b, r=None):
+    return asyncio.run(b.generate(r or request()))
 
 
 def test_openai_backend_sends_the_chat_request(serve, monkeypatch):
     monkeypatch.setenv("MOA_TEST_KEY", SECRET)
-    server = serve([chat('{"samples": []}')])
-    b, _ = backend(server.url)
-    assert b.generate(request()) == '{"samples": []}'
+    server = serve([chat('{"samples": []}', prompt_tokens=7, completion_tokens=3)])
+    b = backend(server.url)
+    reply = generate(b)
+    assert (reply.text, reply.prompt_tokens, reply.completion_tokens) == ('{"samples": []}', 7, 3)
     seen = server.seen[0]
     assert seen["path"] == "/v1/chat/completions"
-    assert seen["headers"]["Authorization"] == f"Bearer {SECRET}"
+    assert seen["headers"]["authorization"] == f"Bearer {SECRET}"
     assert seen["body"]["model"] == "test-model" and seen["body"]["messages"][1]["content"] == "u"
     assert seen["body"]["response_format"] == {"type": "json_object"}
     assert SECRET not in repr(b) and SECRET not in json.dumps(b.identity())
 
 
-def test_429_is_retried_after_retry_after(serve):
-    server = serve([{"status": 429, "payload": {"error": "slow down"}, "headers": {"Retry-After": "0.05"}},
+@pytest.mark.parametrize("retry_after", ["seconds", "http-date"])
+def test_429_is_retried_after_retry_after(serve, retry_after):
+    wait = "1" if retry_after == "seconds" else email.utils.formatdate(time.time() + 2, usegmt=True)
+    server = serve([{"status": 429, "payload": {"error": {"message": "slow down"}}, "headers": {"Retry-After": wait}},
                     chat("ok")])
-    b, sleeps = backend(server.url)
-    assert b.generate(request()) == "ok"
-    assert len(server.seen) == 2 and sleeps == [0.05]
+    start = time.monotonic()
+    assert generate(backend(server.url)).text == "ok"
+    assert len(server.seen) == 2 and time.monotonic() - start >= 0.9
 
 
 def test_persistent_429_and_5xx_give_up_with_the_status(serve):
-    server = serve([{"status": 429, "payload": {"error": "quota"}}])
-    b, sleeps = backend(server.url, max_retries=2)
-    with pytest.raises(BackendError, match="after 3 attempt.*HTTP 429"):
-        b.generate(request())
-    assert len(server.seen) == 3 and sleeps == [0.01, 0.02]
-    server = serve([{"status": 503, "payload": {}}, chat("back")])
-    assert backend(server.url)[0].generate(request()) == "back"
+    server = serve([{"status": 429, "payload": {"error": {"message": "quota"}}, "headers": {"Retry-After": "0.01"}}])
+    with pytest.raises(BackendError, match="HTTP 429.*quota"):
+        generate(backend(server.url, max_retries=2))
+    assert len(server.seen) == 3
+    server = serve([{"status": 503, "payload": {}, "headers": {"Retry-After": "0.01"}}, chat("back")])
+    assert generate(backend(server.url)).text == "back"
 
 
 def test_client_errors_are_not_retried_and_never_show_the_key(serve, monkeypatch):
     monkeypatch.setenv("MOA_TEST_KEY", SECRET)
-    server = serve([{"status": 401, "payload": {"error": "bad key"}}])
-    b, _ = backend(server.url)
+    server = serve([{"status": 401, "payload": {"error": {"message": "bad key"}}}])
     with pytest.raises(BackendError) as info:
-        b.generate(request())
+        generate(backend(server.url))
     assert "HTTP 401" in str(info.value) and SECRET not in str(info.value)
     assert len(server.seen) == 1
 
 
 def test_malformed_replies(serve):
-    server = serve([{"payload": b"<html>not json</html>"}])
-    with pytest.raises(BackendError, match="not JSON"):
-        backend(server.url)[0].generate(request())
     server = serve([{"payload": {"id": "x", "object": "chat.completion"}}])
-    with pytest.raises(BackendError, match=r"expected choices\[0\]\.message\.content"):
-        backend(server.url)[0].generate(request())
+    with pytest.raises(BackendError, match=r"malformed reply"):
+        generate(backend(server.url))
+    server = serve([{"payload": b"<html>not json</html>", "content_type": "text/html"}])
+    with pytest.raises(BackendError, match=r"malformed reply"):
+        generate(backend(server.url))
 
 
 def test_timeout_is_retried_then_reported(serve):
     server = serve([{"delay": 1.0, **chat("late")}])
-    b, sleeps = backend(server.url, timeout_s=0.2, max_retries=1)
+    b = backend(server.url, timeout_s=0.2, max_retries=1)
     start = time.monotonic()
     with pytest.raises(BackendError, match="timed out after 0.2s"):
-        b.generate(request())
-    assert time.monotonic() - start < 1.5
-    assert len(server.seen) == 2 and len(sleeps) == 1
+        generate(b)
+    assert time.monotonic() - start < 2.0
+    assert len(server.seen) == 2
+
+
+def test_rate_limiter_keeps_to_the_minute_budgets():
+    async def acquire_all(limiter, n, tokens):
+        for _ in range(n):
+            await limiter.acquire(tokens)
+    for limiter, tokens in ((RateLimiter(requests_per_minute=1200), 0), (RateLimiter(tokens_per_minute=6000), 5)):
+        asyncio.run(acquire_all(limiter, 1, tokens))
+        limiter.levels = [0.0 if b is not None else None for b in limiter.budgets]  # budgets spent: refill only
+        start = time.monotonic()
+        asyncio.run(acquire_all(limiter, 5, tokens))  # 20 requests (or 100 tokens, 20 calls) a second
+        assert 0.24 <= time.monotonic() - start < 1.0
+    with pytest.raises(ValueError, match="tokens_per_minute must be positive"):
+        RateLimiter(tokens_per_minute=0)
+
+
+def test_search_client_reads_retry_after_as_seconds_or_a_date():
+    client = HttpClient()
+    assert client._delay(0, "2") == 2.0
+    assert 2.0 <= client._delay(0, email.utils.formatdate(time.time() + 3, usegmt=True)) <= 3.0
+    assert 0.75 <= client._delay(0, None) <= 1.0  # backoff less a random quarter
 
 
 def test_rate_limit_spaces_requests(serve):
@@ -191,11 +168,11 @@ def fake_llm(seen):
 
 def test_pipeline_with_the_openai_backend_and_cache(serve, tmp_path, monkeypatch):
     monkeypatch.setenv("MOA_TEST_KEY", SECRET)
-    server = serve([{"payload": b"garbage"}, chat("no json here"), fake_llm])
+    server = serve([{"status": 500, "payload": {}}, chat("no json here"), fake_llm])
     cfg = load_config(None, output_dir=str(tmp_path / "out"), cultures=["japan"], tasks=["yesno"], samples_per_task=12,
                       stage1_samples=0, samples_per_call=5, max_rounds=1,
                       llm={"backend": "openai", "model": "test-model", "base_url": server.url + "/v1",
-                           "api_key_env": "MOA_TEST_KEY", "max_retries": 0})
+                           "api_key_env": "MOA_TEST_KEY", "max_retries": 0, "concurrency": 1})
     summary = pipeline.run(cfg, progress=False)
     rejects = summary["rejects"]["japan"]["yesno"]
     assert rejects["backend_error"] == 1 and rejects["malformed_reply"] == 1
@@ -217,7 +194,8 @@ def test_run_stops_after_consecutive_backend_failures(serve, tmp_path):
     server = serve([{"status": 500, "payload": {"error": "down"}}])
     cfg = load_config(None, output_dir=str(tmp_path), cultures=["japan"], tasks=["mcq"], stage1_samples=0,
                       max_consecutive_errors=3,
-                      llm={"backend": "openai", "model": "m", "base_url": server.url + "/v1", "max_retries": 0})
+                      llm={"backend": "openai", "model": "m", "base_url": server.url + "/v1", "max_retries": 0,
+                           "concurrency": 1})
     with pytest.raises(UsageError, match="stopping after 3 failed LLM calls in a row.*HTTP 500"):
         pipeline.run(cfg, progress=False)
     assert len(server.seen) == 3 and not list(tmp_path.glob("*.jsonl"))

@@ -138,12 +138,12 @@ class FailingAfter(OfflineBackend):
         super().__init__()
         self.left, self.made = calls, 0
 
-    def generate(self, request):
+    async def generate(self, request):
         if self.left == 0:
             raise Interrupt()
         self.left -= 1
         self.made += 1
-        return super().generate(request)
+        return await super().generate(request)
 
 
 def test_resumed_run_does_not_duplicate_rows(small_run, tmp_path):
@@ -242,13 +242,17 @@ def test_transformers_backend_with_a_tiny_model(tmp_path):
     from moa.tiny import byte_tokenizer, tiny_model
     backend = TransformersBackend(model=tiny_model(), tokenizer=byte_tokenizer(), max_new_tokens=4, temperature=0)
     spec = load_task(ROOT / "configs" / "tasks" / "yesno.yaml")
-    request = SynthRequest("japan", "yesno", 2, 2, "q", norms.corpus()[:1])
-    request.messages = build_messages(spec, norms.cultures()["japan"], norms.corpus()[:1], 2, 2)
-    text = backend.generate(request)
-    # the reply is the model's greedy continuation of the rendered request, decoded
-    encoded = backend.tokenizer(backend._prompt_text(request.messages), return_tensors="pt", add_special_tokens=False)
-    greedy = backend.model.generate(**encoded, max_new_tokens=4, do_sample=False, pad_token_id=0)
-    assert text == backend.tokenizer.decode(greedy[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+    requests = []
+    for docs in (norms.corpus()[:1], norms.corpus()[1:3]):  # prompts of different lengths: one is left-padded
+        requests.append(SynthRequest("japan", "yesno", 2, 2, "q", docs))
+        requests[-1].messages = build_messages(spec, norms.cultures()["japan"], docs, 2, 2)
+    replies = backend.generate_batch(requests)
+    # each reply of the batch is the model's greedy continuation of its own rendered request, decoded
+    for request, reply in zip(requests, replies):
+        encoded = backend.tokenizer(backend._prompt_text(request.messages), return_tensors="pt", add_special_tokens=False)
+        greedy = backend.model.generate(**encoded, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert reply.text == backend.tokenizer.decode(greedy[0, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+        assert reply.prompt_tokens == encoded["input_ids"].shape[1]
     cfg = load_config(OFFLINE, output_dir=str(tmp_path), cultures=["japan"], tasks=["yesno"], samples_per_task=5,
                       stage1_samples=0, max_rounds=1, broad_queries=[],
                       retrieval={"backend": "bm25", "corpus": "bundled", "top_k": 1})

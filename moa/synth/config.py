@@ -14,6 +14,9 @@ from moa.resources import CONFIGS
 from moa.synth.queries import BROAD_QUERIES
 
 DEFAULT_TASK_DIR = CONFIGS / "tasks"
+# llm keys that change how fast or how the calls are made, not the data: a run may resume with others
+OPERATIONAL_KEYS = ("timeout_s", "max_retries", "concurrency", "requests_per_minute", "tokens_per_minute",
+                    "input_price_per_1m", "output_price_per_1m", "batch", "batch_poll_s", "batch_size", "device")
 
 
 @dataclass
@@ -52,9 +55,19 @@ class OpenAIConfig:
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature."})
     max_tokens: int = field(default=2048, metadata={"help": "Tokens per reply at most."})
     timeout_s: float = field(default=60.0, metadata={"help": "Timeout of one request."})
-    max_retries: int = field(default=5, metadata={"help": "Retries of a failed request (429 and 5xx)."})
-    requests_per_minute: float | None = field(default=None, metadata={"help": "Rate limit (None: none)."})
+    max_retries: int = field(default=5, metadata={"help": "Retries of a failed request (timeouts, 429 and 5xx), "
+                                                         "with backoff, jitter and Retry-After."})
+    concurrency: int = field(default=16, metadata={"help": "Requests in flight at once."})
+    requests_per_minute: float | None = field(default=None, metadata={"help": "Request budget per minute (None: none)."})
+    tokens_per_minute: float | None = field(default=None, metadata={"help": "Token budget per minute (prompt + max_tokens, "
+                                                                            "as OpenAI counts; None: none)."})
     json_mode: bool = field(default=True, metadata={"help": "Ask for a JSON object reply (response_format)."})
+    input_price_per_1m: float | None = field(default=None, metadata={"help": "Price of a million prompt tokens, for the "
+                                                                             "cost estimate (None: no estimate)."})
+    output_price_per_1m: float | None = field(default=None, metadata={"help": "Price of a million completion tokens."})
+    batch: bool = field(default=False, metadata={"help": "Send the calls through the Batch API (half the price, "
+                                                        "replies within a day) instead of one request each."})
+    batch_poll_s: float = field(default=30.0, metadata={"help": "Seconds between polls of a submitted batch."})
 
 
 @dataclass
@@ -63,6 +76,7 @@ class TransformersLLMConfig:
     model: str = field(metadata={"help": "Hub name or local path of the model."})
     max_new_tokens: int = field(default=1024, metadata={"help": "Tokens per reply at most."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature (0: greedy)."})
+    batch_size: int = field(default=8, metadata={"help": "Prompts generated together."})
     device: str = field(default="auto", metadata={"help": "Torch device ('auto': cuda when available, else cpu)."})
     dtype: str = field(default="auto", metadata={"help": "Model dtype passed to transformers."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Passed to transformers; off unless you set it."})
@@ -129,6 +143,7 @@ class SynthConfig:
     def fingerprint(self) -> dict:
         """What the run's data depends on (not where it is written)."""
         out = {k: v for k, v in asdict(self).items() if k not in ("output_dir", "plot")}
+        out["llm"] = {k: v for k, v in out["llm"].items() if k not in OPERATIONAL_KEYS}
         out["task_dir"] = str(self.task_dir)
         return out
 

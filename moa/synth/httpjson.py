@@ -1,12 +1,16 @@
-"""A small JSON-over-HTTP client with timeouts, retries with backoff, Retry-After and a rate limit.
+"""A small JSON-over-HTTP client with timeouts, retries with backoff and jitter, Retry-After (seconds
+or an HTTP date) and a rate limit, for the web-search backend (LLM calls go through the `openai`
+client, moa.synth.backends).
 
 Retried: timeouts, connection failures, HTTP 429 and 5xx. Not retried: other 4xx and replies that
 are not JSON. Error messages name the URL and status but never the request headers (API keys).
 """
 from __future__ import annotations
 
+import email.utils
 import http.client
 import json
+import random
 import socket
 import time
 import urllib.error
@@ -44,12 +48,15 @@ class HttpClient:
         self._last_start = time.monotonic()
 
     def _delay(self, attempt: int, retry_after: str | None) -> float:
+        """Retry-After when the server gives one, else exponential backoff less up to a quarter (jitter)."""
         if retry_after:
             try:
-                return min(float(retry_after), self.max_backoff_s)
+                return min(max(float(retry_after), 0.0), self.max_backoff_s)
             except ValueError:
-                pass
-        return min(self.backoff_s * 2 ** attempt, self.max_backoff_s)
+                date = email.utils.parsedate_tz(retry_after)
+                if date is not None:
+                    return min(max(email.utils.mktime_tz(date) - time.time(), 0.0), self.max_backoff_s)
+        return min(self.backoff_s * 2 ** attempt, self.max_backoff_s) * (1 - 0.25 * random.random())
 
     def request_json(self, method: str, url: str, body=None, headers: dict | None = None):
         """Send `body` as JSON (if given) and return the decoded JSON reply."""

@@ -17,7 +17,7 @@ import random
 
 from moa.data import norms
 from moa.errors import UsageError
-from moa.synth.backends import Backend
+from moa.synth.backends import Backend, Reply
 from moa.synth.prompting import SynthRequest
 
 LETTERS = "ABCD"
@@ -135,7 +135,11 @@ class OfflineBackend(Backend):
             return t is not None and culture in t.labels
         return (q is not None and culture in q.answers) or (t is not None and culture in t.labels)
 
-    def generate(self, request: SynthRequest) -> str:
+    async def generate(self, request: SynthRequest) -> Reply:
+        return Reply(self.write(request))
+
+    def write(self, request: SynthRequest) -> str:
+        """The reply text (JSON samples) for one request."""
         culture, task = request.culture, request.task
         rng = _seeded(self.seed, request.seed, culture, task, request.stage, request.query, request.round,
                       [p["id"] for p in request.passages])

@@ -13,11 +13,12 @@ norms) and written:
 """
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import shutil
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -67,7 +68,8 @@ def _write_json(path: Path, obj) -> None:
 
 def make_backend(llm, seed: int = 0) -> Backend:
     """The LLM backend an `llm` config section (moa.synth.config) describes: offline, openai or transformers."""
-    options = {k: v for k, v in asdict(llm).items() if k != "backend"}
+    options = {k: v for k, v in asdict(llm).items()
+               if k not in ("backend", "batch", "batch_poll_s", "input_price_per_1m", "output_price_per_1m")}
     if llm.backend == "offline":
         return OfflineBackend(seed=seed, **options)
     if llm.backend == "openai":
@@ -77,54 +79,126 @@ def make_backend(llm, seed: int = 0) -> Backend:
     raise UsageError(f"unknown llm backend {llm.backend!r}: expected 'offline', 'openai' or 'transformers'")
 
 
-class Caller:
-    """Sends requests to the backend through the cache and stops the run after too many failures in a row."""
+class Deferred(Exception):
+    """A call left for the Batch API: its job waits for the batch's replies."""
 
-    def __init__(self, backend: Backend, cache: CallCache | None, max_consecutive_errors: int):
+
+class Caller:
+    """Sends requests to the backend through the cache, at most `backend.concurrency` at once, and
+    stops the run after too many failures in a row.
+
+    With `defer` set (a dict), a call not in the cache is recorded there (key -> request) for the
+    Batch API instead of being made; keys in `failed` (a batch's failed lines) count as failed calls."""
+
+    def __init__(self, backend: Backend, cache: CallCache | None, max_consecutive_errors: int, prices=(None, None)):
         self.backend, self.cache = backend, cache
         self.max_errors, self.errors_in_a_row = max_consecutive_errors, 0
-        self.calls = 0
+        self.slots = asyncio.Semaphore(backend.concurrency)
+        self.defer, self.failed = None, {}
+        self.calls = self.in_flight = self.prompt_tokens = self.completion_tokens = 0
+        self.prices = prices  # per million prompt and completion tokens
+        self.on_change = lambda: None
 
-    def __call__(self, request: SynthRequest) -> str:
-        key = cache_key(self.backend.identity(), request.key())
+    def key(self, request: SynthRequest) -> str:
+        return cache_key(self.backend.identity(), request.key())
+
+    def cost(self) -> float | None:
+        if None in self.prices:
+            return None
+        return (self.prompt_tokens * self.prices[0] + self.completion_tokens * self.prices[1]) / 1e6
+
+    def count(self, prompt_tokens: int, completion_tokens: int) -> None:
+        self.calls += 1
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += completion_tokens
+
+    def _failure(self, e: BackendError) -> None:
+        self.errors_in_a_row += 1
+        if self.errors_in_a_row >= self.max_errors:
+            raise UsageError(f"stopping after {self.errors_in_a_row} failed LLM calls in a row "
+                             f"(finished jobs are kept; rerun to resume). Last error: {e}") from None
+        raise e
+
+    async def __call__(self, request: SynthRequest) -> str:
+        key = self.key(request)
         if self.cache is not None:
             reply = self.cache.get(key)
             if reply is not None:
                 return reply
-        self.calls += 1
-        try:
-            reply = self.backend.generate(request)
-        except BackendError as e:
-            self.errors_in_a_row += 1
-            if self.errors_in_a_row >= self.max_errors:
-                raise UsageError(f"stopping after {self.errors_in_a_row} failed LLM calls in a row "
-                                 f"(finished jobs are kept; rerun to resume). Last error: {e}") from None
-            raise
+        if key in self.failed:
+            self._failure(BackendError(self.failed[key]))
+        if self.defer is not None:
+            self.defer[key] = request
+            raise Deferred(key)
+        async with self.slots:
+            self.in_flight += 1
+            self.on_change()
+            try:
+                reply = await self.backend.generate(request)
+            except BackendError as e:
+                self._failure(e)
+            finally:
+                self.in_flight -= 1
         self.errors_in_a_row = 0
+        self.count(reply.prompt_tokens, reply.completion_tokens)
         if self.cache is not None:
-            self.cache.put(key, reply)
-        return reply
+            self.cache.put(key, reply.text)
+        self.on_change()
+        return reply.text
 
 
-def run_job(job: Job, spec, cfg: SynthConfig, retriever: Retriever, caller: Caller) -> dict:
-    """Generate up to job.target valid rows; returns rows, reject counts and call statistics."""
+def _requests(job: Job, spec, cfg: SynthConfig, retriever: Retriever):
+    """The job's (query, passages, request) in order, round after round; request is None without passages."""
     culture = norms.cultures()[job.culture]
-    validator = Validator(spec, job.culture)
     queries = make_queries(culture, spec if job.stage == 2 else None, cfg.broad_queries)
-    rows, rejects, surplus = [], Counter(), 0
     for round_ in range(cfg.max_rounds):
         for query in queries:
-            if len(rows) >= job.target:
-                break
             passages = retriever.search(query.text, job.culture, cfg.retrieval.top_k)
             if not passages:
-                rejects["no_passages"] += 1
+                yield query, passages, None
                 continue
             request = SynthRequest(job.culture, job.task, job.stage, cfg.samples_per_call, query.text, passages,
                                    round=round_, seed=cfg.seed)
             request.messages = build_messages(spec, culture, passages, cfg.samples_per_call, job.stage)
+            yield query, passages, request
+
+
+async def run_job(job: Job, spec, cfg: SynthConfig, retriever: Retriever, caller: Caller,
+                  on_row=lambda: None) -> dict | None:
+    """Generate up to job.target valid rows; returns rows, reject counts and the surplus (None when
+    calls were deferred to the Batch API).
+
+    Calls run ahead of the replies being read: as many as the rows still missing need if every
+    sample were valid. Replies are read in request order, so which calls are made and which rows
+    are kept never depend on how many run at once or in which order they finish."""
+    validator = Validator(spec, job.culture)
+    items = _requests(job, spec, cfg, retriever)
+    window, rows, rejects, surplus = deque(), [], Counter(), 0
+    deferred = False
+
+    def fill():
+        needed = -(-(job.target - len(rows)) // cfg.samples_per_call)
+        while sum(task is not None for _, _, task in window) < needed:
+            item = next(items, None)
+            if item is None:
+                return
+            query, passages, request = item
+            window.append((query, passages, asyncio.ensure_future(caller(request)) if request else None))
+
+    try:
+        while len(rows) < job.target:
+            fill()
+            if not window:
+                break
+            query, passages, task = window.popleft()
+            if task is None:
+                rejects["no_passages"] += 1
+                continue
             try:
-                samples = parse_reply(caller(request))
+                samples = parse_reply(await task)
+            except Deferred:
+                deferred = True
+                break
             except BackendError:
                 rejects["backend_error"] += 1
                 continue
@@ -139,8 +213,15 @@ def run_job(job: Job, spec, cfg: SynthConfig, retriever: Retriever, caller: Call
                     surplus += 1
                 else:
                     rows.append(_row(job, fields, query, passages, caller.backend.source))
-        if len(rows) >= job.target:
-            break
+                    on_row()
+    finally:
+        tasks = [task for _, _, task in window if task is not None]
+        if not deferred:  # calls no longer needed; deferred ones all record themselves for the batch
+            for task in tasks:
+                task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    if deferred:
+        return None
     return {"rows": rows, "rejects": dict(rejects), "surplus": surplus}
 
 
@@ -250,24 +331,36 @@ def run(cfg: SynthConfig, fresh: bool = False, progress: bool = True, backend: B
     retriever = retriever or make_retriever(cfg.retrieval)
     backend = backend or make_backend(cfg.llm, seed=cfg.seed)
     cache = CallCache(work / "cache.sqlite") if cfg.cache else None
-    caller = Caller(backend, cache, cfg.max_consecutive_errors)
+    prices = (getattr(cfg.llm, "input_price_per_1m", None), getattr(cfg.llm, "output_price_per_1m", None))
+    batch = getattr(cfg.llm, "batch", False)
+    if batch and cache is None:
+        raise UsageError("llm.batch needs cache: true (the batch's replies reach the jobs through the cache)")
+    caller = Caller(backend, cache, cfg.max_consecutive_errors, tuple(p / 2 if p is not None and batch else p
+                                                                      for p in prices))
     cultures = [c for c in CULTURES if c in cfg.cultures]
     tasks = [t for t in TASKS if t in cfg.tasks]
     jobs = [Job(1, c, "open", cfg.stage1_samples) for c in cultures if cfg.stage1_samples > 0]
     jobs += [Job(2, c, t, cfg.samples_per_task) for c in cultures for t in tasks]
     results, resumed = {}, 0
+    for job in jobs:
+        part = work / "parts" / f"{job.name}.json"
+        if part.exists():
+            results[job.name] = json.loads(part.read_text(encoding="utf-8"))
+            resumed += 1
     try:
-        bar = tqdm(jobs, desc="synth", unit="job", disable=not progress)
-        for job in bar:
-            bar.set_postfix_str(job.name)
-            part = work / "parts" / f"{job.name}.json"
-            if part.exists():
-                results[job.name] = json.loads(part.read_text(encoding="utf-8"))
-                resumed += 1
-                continue
-            spec = stage1_spec if job.stage == 1 else specs[job.task]
-            results[job.name] = run_job(job, spec, cfg, retriever, caller)
-            _write_json(part, results[job.name])
+        while True:
+            todo = [j for j in jobs if j.name not in results]
+            if batch:
+                caller.defer = {}
+            bar = tqdm(total=sum(j.target for j in todo), desc="synth", unit="row", disable=not progress or not todo)
+            try:
+                asyncio.run(_run_jobs(todo, cfg, specs, stage1_spec, retriever, caller, work, results, bar))
+            finally:
+                bar.close()
+            if not caller.defer:
+                break
+            from moa.synth.batch import run_batch
+            run_batch(backend, caller, work, poll_s=cfg.llm.batch_poll_s, progress=progress)
     finally:
         if cache is not None:
             cache.close()
@@ -290,6 +383,38 @@ def run(cfg: SynthConfig, fresh: bool = False, progress: bool = True, backend: B
     return summary
 
 
+def _progress_text(caller: Caller, rejects: Counter) -> str:
+    tokens = caller.prompt_tokens + caller.completion_tokens
+    text = (f"calls {caller.calls} done/{caller.in_flight} in flight, rejects {sum(rejects.values())}, "
+            f"tokens {tokens / 1000:.1f}k")
+    cost = caller.cost()
+    return text + (f", ~${cost:.2f}" if cost is not None else "")
+
+
+async def _run_jobs(todo, cfg, specs, stage1_spec, retriever, caller, work, results, bar) -> None:
+    """Run the jobs at once (their calls share the caller's slots); each finished job is saved to work/parts."""
+    caller.slots = asyncio.Semaphore(caller.backend.concurrency)
+    rejects = Counter()
+    caller.on_change = lambda: bar.set_postfix_str(_progress_text(caller, rejects), refresh=False)
+
+    async def one(job):
+        spec = stage1_spec if job.stage == 1 else specs[job.task]
+        result = await run_job(job, spec, cfg, retriever, caller, on_row=lambda: bar.update(1))
+        if result is not None:
+            rejects.update(result["rejects"])
+            bar.update(job.target - len(result["rows"]))
+            _write_json(work / "parts" / f"{job.name}.json", result)
+            results[job.name] = result
+
+    running = [asyncio.ensure_future(one(job)) for job in todo]
+    try:
+        await asyncio.gather(*running)
+    finally:
+        for task in running:
+            task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
+
+
 def _summary(cfg, jobs, results, rows, files, short, cut, test_keys, held_out, caller, resumed) -> dict:
     counts = {c: {} for c in dict.fromkeys(j.culture for j in jobs)}
     for row in rows:
@@ -310,4 +435,6 @@ def _summary(cfg, jobs, results, rows, files, short, cut, test_keys, held_out, c
     return {"output_dir": str(cfg.output_dir), "backend": cfg.llm.backend, "retrieval": cfg.retrieval.backend,
             "files": files, "counts": counts, "splits": dict(splits), "rejects": rejects,
             "rejects_total": dict(totals), "short_jobs": short, "test_norms": sorted(test_keys),
-            "llm_calls": caller.calls, "jobs_resumed": resumed, "jobs": len(jobs)}
+            "llm_calls": caller.calls, "tokens": {"prompt": caller.prompt_tokens, "completion": caller.completion_tokens},
+            "cost_usd": None if caller.cost() is None else round(caller.cost(), 4),
+            "jobs_resumed": resumed, "jobs": len(jobs)}

@@ -1,0 +1,112 @@
+"""Loopback servers for the synthesis tests: a scripted HTTP server (chat completions, search) and an
+LLM that writes valid yes/no samples as a pure function of the request."""
+import hashlib
+import json
+import random
+import re
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class Server:
+    """A loopback HTTP server answering from a script: each request pops the next action (the last repeats).
+
+    An action is a dict (status, payload, headers, delay) or a callable taking the request record
+    ({"method", "path", "headers", "body"}) and returning one. Every request is recorded in `seen`."""
+
+    def __init__(self, script):
+        self.script, self.seen, self.lock = list(script), [], threading.Lock()
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def _reply(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                raw = self.rfile.read(length) if length else b""
+                try:
+                    body = json.loads(raw) if raw else None
+                except ValueError:
+                    body = raw
+                record = {"method": self.command, "path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()},
+                          "body": body}
+                with owner.lock:
+                    owner.seen.append(record)
+                    action = owner.script.pop(0) if len(owner.script) > 1 else owner.script[0]
+                if callable(action):
+                    action = action(record)
+                status, payload, headers = action.get("status", 200), action.get("payload"), action.get("headers", {})
+                time.sleep(action.get("delay", 0))
+                data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+                try:
+                    self.send_response(status)
+                    for k, v in headers.items():
+                        self.send_header(k, v)
+                    self.send_header("Content-Type", action.get("content_type", "application/json"))
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass
+
+            do_GET = do_POST = _reply
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+
+    def chat_requests(self) -> list:
+        with self.lock:
+            return [r for r in self.seen if r["path"].endswith("/chat/completions") and isinstance(r["body"], dict)]
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def chat(content, prompt_tokens=0, completion_tokens=0):
+    return {"payload": {"id": "c", "object": "chat.completion", "created": 0, "model": "m",
+                        "choices": [{"index": 0, "finish_reason": "stop",
+                                     "message": {"role": "assistant", "content": content}}],
+                        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                                  "total_tokens": prompt_tokens + completion_tokens}}}
+
+
+def samples_for(messages) -> str:
+    """Valid yes/no samples for a synthesis request, a pure function of it, with the rejects a real
+    LLM makes: about every fourth reply is not JSON, and each reply repeats a prompt (a duplicate across
+    calls, so which sample is kept depends on the order replies are read) and names another culture."""
+    user = messages[-1]["content"]
+    digest = hashlib.sha256(user.encode()).hexdigest()
+    if int(digest[:8], 16) % 4 == 0:
+        return f"Sorry, I cannot help with that ({digest[:10]})."
+    n = int(re.search(r"Write (\d+) new", user).group(1))
+    samples = [{"prompt": f"In Kyoto, Yuki bows ({digest[:10]}-{i}). Is this appropriate? Answer yes or no.",
+                "response": "yes" if i % 2 else "no"} for i in range(n)]
+    samples.append({"prompt": f"In Osaka, Ken bows ({int(digest[:2], 16) % 3}). Is this appropriate? Answer yes or no.",
+                    "response": "yes"})
+    samples.append({"prompt": "In Berlin, Yuki bows. Is this appropriate?", "response": "yes"})
+    return json.dumps({"samples": samples})
+
+
+def fake_llm(delay=lambda: 0.0):
+    """A chat completions action answering with samples_for(messages) after delay() seconds."""
+    def action(record):
+        if not isinstance(record["body"], dict):  # the client died while sending
+            return {"status": 400, "payload": {"error": {"message": "incomplete body"}}}
+        text = samples_for(record["body"]["messages"])
+        return {**chat(text, prompt_tokens=len(json.dumps(record["body"])) // 4, completion_tokens=len(text) // 4),
+                "delay": delay()}
+    return action
+
+
+def random_delay(low, high, seed=0):
+    rng, lock = random.Random(seed), threading.Lock()
+
+    def delay():
+        with lock:
+            return rng.uniform(low, high)
+    return delay
