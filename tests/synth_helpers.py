@@ -1,5 +1,6 @@
 """Loopback servers for the synthesis tests: a scripted HTTP server (chat completions, search) and an
 LLM that writes valid yes/no samples as a pure function of the request."""
+import email
 import hashlib
 import json
 import random
@@ -110,3 +111,58 @@ def random_delay(low, high, seed=0):
         with lock:
             return rng.uniform(low, high)
     return delay
+
+
+class BatchAPI:
+    """The files and batches endpoints of the OpenAI API, as an action for Server: a batch completes
+    (its replies written by samples_for) once `release` is set and it has been polled twice."""
+
+    def __init__(self):
+        self.files, self.batches, self.polls = {}, {}, {}
+        self.release = threading.Event()
+        self.release.set()
+
+    def _file(self, content: bytes, purpose: str) -> dict:
+        file_id = f"file-{len(self.files)}"
+        self.files[file_id] = content
+        return {"id": file_id, "object": "file", "bytes": len(content), "created_at": 0,
+                "filename": "input.jsonl", "purpose": purpose, "status": "processed"}
+
+    def _batch(self, batch_id: str) -> dict:
+        batch = self.batches[batch_id]
+        self.polls[batch_id] = self.polls.get(batch_id, 0) + 1
+        if batch["status"] != "completed" and self.release.is_set() and self.polls[batch_id] > 2:
+            lines = [json.loads(line) for line in self.files[batch["input_file_id"]].decode().splitlines()]
+            out = []
+            for line in lines:
+                text = samples_for(line["body"]["messages"])
+                out.append({"id": "r", "custom_id": line["custom_id"], "error": None,
+                            "response": {"status_code": 200, "request_id": "q", "body": chat(text, 10, 5)["payload"]}})
+            output = self._file("".join(json.dumps(o) + "\n" for o in out).encode(), "batch_output")
+            batch.update(status="completed", output_file_id=output["id"],
+                         request_counts={"total": len(lines), "completed": len(lines), "failed": 0})
+        return batch
+
+    def __call__(self, record) -> dict:
+        method, path = record["method"], record["path"].split("?")[0]
+        if method == "POST" and path == "/v1/files":
+            raw = record["body"]
+            content_type = record["headers"]["content-type"]
+            message = email.message_from_bytes(b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + raw)
+            part = next(p for p in message.get_payload() if p.get_filename())
+            return {"payload": self._file(part.get_payload(decode=True), "batch")}
+        if method == "POST" and path == "/v1/batches":
+            body = record["body"]
+            batch_id = f"batch-{len(self.batches)}"
+            self.batches[batch_id] = {"id": batch_id, "object": "batch", "endpoint": body["endpoint"],
+                                      "input_file_id": body["input_file_id"], "completion_window": "24h",
+                                      "status": "in_progress", "created_at": 0, "metadata": body.get("metadata"),
+                                      "request_counts": {"total": 0, "completed": 0, "failed": 0}}
+            return {"payload": self.batches[batch_id]}
+        if method == "GET" and path == "/v1/batches":
+            return {"payload": {"object": "list", "data": list(self.batches.values())[::-1], "has_more": False}}
+        if method == "GET" and path.startswith("/v1/batches/"):
+            return {"payload": self._batch(path.rsplit("/", 1)[1])}
+        if method == "GET" and path.startswith("/v1/files/") and path.endswith("/content"):
+            return {"payload": self.files[path.split("/")[3]], "content_type": "application/octet-stream"}
+        return {"status": 404, "payload": {"error": {"message": f"no route {method} {path}"}}}
