@@ -18,6 +18,7 @@ from moa import __version__
 
 VERBS = {  # verb: (module, one-line help)
     "bench": ("moa.bench.cli", "run a benchmark (table + JSON)"),
+    "cultures": ("moa.cultures", "list a saved run's cultures, or write a run without some of them"),
     "demo": ("moa.demo", "run the whole pipeline offline on a CPU: synth, pretrain, train MoA and shared LoRA, eval, generate"),
     "eval": ("moa.eval.cli", "evaluate a saved MoA run: accuracy per method and culture, routing accuracy and confusion"),
     "export": ("moa.export", "export a run as PEFT adapters + router, or one culture merged into the base"),

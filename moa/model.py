@@ -10,8 +10,9 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from moa import compat, peft_io, saved_run
-from moa.config import ROUTING_MODES, BaseModelConfig, MoAConfig
 from moa.bnb import dispatch_bnb_4bit, dispatch_bnb_8bit
+from moa.config import ROUTING_MODES, BaseModelConfig, MoAConfig
+from moa.errors import UsageError
 from moa.layers import MoALinear, dispatch_default
 from moa.routing import PlanCache, RoutingCall, TokenRouter, current_call, replay_routing_context, routing_call
 
@@ -295,6 +296,41 @@ class MoAForCausalLM(nn.Module):
             if tuple(tensor.shape) != tuple(own[key].shape):
                 raise ValueError(f"{key}: shape {tuple(tensor.shape)} does not fit the model's {tuple(own[key].shape)}")
             own[key].copy_(tensor.to(own[key].device, own[key].dtype))
+
+    @torch.no_grad()
+    def load_cultures_from(self, path: str | Path) -> list[str]:
+        """Copy from a saved run the adapters and gate rows of the cultures it shares with this model (by name) and
+        its shared router weights; the other cultures keep their fresh slots. Returns the cultures copied. The run
+        must have this model's rank, scaling, targets and router shape."""
+        source = saved_run.read_config(path)
+        for name in ("r", "alpha", "target_modules", "router_window", "router_dim"):
+            if getattr(source, name) != getattr(self.config, name):
+                raise UsageError(f"{path}: {name} is {getattr(source, name)!r} there but {getattr(self.config, name)!r} "
+                                 f"here: a run grows only with the same {name}")
+        weights = saved_run.read_weights(path, source)
+        own = self.adapter_state_dict()
+        if set(weights) != set(own):
+            raise UsageError(f"{path}: its adapters do not fit this base model (e.g. {sorted(set(weights) ^ set(own))[:3]})")
+        shared = [c for c in self.config.cultures if c in source.cultures]
+        for key, tensor in weights.items():
+            if saved_run.per_culture(key):
+                for culture in shared:
+                    own[key][self.config.cultures.index(culture)] = tensor[source.cultures.index(culture)].to(own[key])
+            else:
+                own[key].copy_(tensor.to(own[key]))
+        return shared
+
+    def freeze_cultures(self, cultures: list[str]) -> None:
+        """Keep these cultures' adapters as they are in training: their slots' gradients are zeroed, so under Adam
+        without weight decay their weights stay bitwise unchanged. The router is not frozen."""
+        frozen = torch.zeros(self.config.num_cultures, dtype=torch.bool)
+        frozen[[self.config.culture_id(c, base=False) for c in cultures]] = True
+        if not frozen.any():
+            return
+        for layer in self.lora_layers.values():
+            for param in (layer.lora_A_T, layer.lora_B_T):
+                mask = frozen.view(-1, 1, 1).to(param.device)
+                param.register_hook(lambda grad, mask=mask: grad.masked_fill(mask, 0))
 
     def save_pretrained(self, path: str | Path, base_spec: BaseModelConfig | None = None, tokenizer=None):
         """Write a saved run (see moa.saved_run): the config and the adapters and routers, not the base, atomically.

@@ -117,6 +117,27 @@ def read_weights(run_dir: str | Path, config: MoAConfig) -> dict[str, torch.Tens
     return weights
 
 
+def per_culture(key: str) -> bool:
+    """Whether a saved tensor's first axis indexes the cultures: LoRA A and B, and the gates' rows (the rest
+    of a router is shared by every culture)."""
+    match = _KEY.match(key)
+    return match is not None and (match["which"] is not None or match["param"] in ("gate.weight", "gate.bias"))
+
+
+def select_cultures(config: MoAConfig, weights: dict[str, torch.Tensor], cultures: list[str]):
+    """(config, weights) of the run restricted to `cultures`, a subset of its cultures in the order given: their
+    adapter slots and gate rows, the shared router weights as they are."""
+    unknown = [c for c in cultures if c not in config.cultures]
+    if unknown or not cultures or len(set(cultures)) != len(cultures):
+        raise UsageError(f"cultures {cultures} must be distinct and among the run's {config.cultures} (unknown: {unknown})")
+    index = torch.tensor([config.cultures.index(c) for c in cultures])
+    data = config.to_dict()
+    data["cultures"] = list(cultures)
+    if data.get("top_k", 1) > len(cultures):
+        data["top_k"] = len(cultures)
+    return MoAConfig(**data), {k: (v.index_select(0, index) if per_culture(k) else v) for k, v in weights.items()}
+
+
 def _router_shape_ok(param: str, shape: tuple, config: MoAConfig) -> tuple[bool, str]:
     """(whether a router tensor's shape fits the config, the shape it needs); see moa.routing.TokenRouter."""
     k, dim, window = config.num_cultures, config.router_dim, config.router_window

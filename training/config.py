@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from moa import saved_run
 from moa.config import BaseModelConfig, MoAConfig
 from moa.config_loader import apply_overrides, from_mapping, load_yaml
 from moa.errors import UsageError
@@ -99,6 +100,11 @@ class TrainConfig:
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute decoder layers in backward."})
     tensorboard: bool = field(default=False, metadata={"help": "Also write TensorBoard events under output_dir/tensorboard."})
     seed: int = field(default=0, metadata={"help": "Seed of data sampling and dropout."})
+    init_from: str | None = field(default=None, metadata={"help": "A saved MoA run to grow: the adapters of its cultures "
+                                                                  "(by name) are copied from it and, but for train_cultures, "
+                                                                  "frozen; the router starts from it and grows to moa.cultures."})
+    train_cultures: list[str] | None = field(default=None, metadata={"help": "With init_from: the cultures whose adapters "
+                                                                              "train (default: those the source run lacks)."})
 
     def __post_init__(self):
         if not self.stages:
@@ -109,6 +115,34 @@ class TrainConfig:
         _positive(self, "save_interval", "keep_checkpoints", "log_interval", "eval_rows")
         if self.eval_interval < 0:
             raise UsageError(f"eval_interval must be >= 0, got {self.eval_interval!r}")
+        if self.train_cultures is not None:
+            if self.init_from is None:
+                raise UsageError("train_cultures needs init_from (the saved run whose other cultures stay frozen)")
+            unknown = [c for c in self.train_cultures if c not in self.moa.cultures]
+            if unknown or not self.train_cultures:
+                raise UsageError(f"train_cultures {self.train_cultures} must name some of moa.cultures {self.moa.cultures}")
+        if self.init_from is not None and self.shared_lora:
+            raise UsageError("init_from grows a MoA run; shared_lora trains the one-LoRA baseline: use one or the other")
+
+    def frozen_cultures(self) -> list[str]:
+        """The cultures whose adapters come from init_from and stay as they are there (checked against that run:
+        the same base, and no weight decay, which would change frozen weights)."""
+        if self.init_from is None:
+            return []
+        source, base = saved_run.read(self.init_from)
+        if base.to_dict() != self.model.to_dict():
+            raise UsageError(f"init_from {self.init_from} was trained on the base {base.to_dict()}, but model is "
+                             f"{self.model.to_dict()}: a run grows on its own base")
+        trained = self.train_cultures if self.train_cultures is not None else \
+            [c for c in self.moa.cultures if c not in source.cultures]
+        frozen = [c for c in self.moa.cultures if c in source.cultures and c not in trained]
+        if frozen and self.optim.weight_decay:
+            raise UsageError(f"optim.weight_decay is {self.optim.weight_decay}, but the adapters of {frozen} are frozen: "
+                             f"weight decay would change them; set optim.weight_decay=0")
+        if not trained:
+            raise UsageError(f"init_from {self.init_from} already holds every culture of moa.cultures and train_cultures "
+                             f"names none: list the new cultures in moa.cultures or the ones to retrain in train_cultures")
+        return frozen
 
     @property
     def total_steps(self) -> int:
@@ -125,7 +159,8 @@ class TrainConfig:
 
     def input_paths(self) -> list[str]:
         """Every file or directory the run reads: the base model, tokenizer, data files and DeepSpeed config."""
-        paths = [self.model.path, self.model.tokenizer if self.model.tokenizer != "byte" else None, self.deepspeed]
+        paths = [self.model.path, self.model.tokenizer if self.model.tokenizer != "byte" else None, self.deepspeed,
+                 self.init_from]
         paths += [p for stage in self.stages for p in stage.train + stage.validation]
         return [p for p in paths if p]
 
@@ -161,6 +196,8 @@ class TrainConfig:
             stage.validation = [resolve(p) for p in stage.validation]
         if self.deepspeed:
             self.deepspeed = resolve(self.deepspeed)
+        if self.init_from:
+            self.init_from = resolve(self.init_from)
 
     @classmethod
     def from_file(cls, path: str | Path, overrides: list[str] = ()) -> "TrainConfig":

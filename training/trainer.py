@@ -137,7 +137,11 @@ class Trainer:
             self.eval_data.append(StageData(stage.validation, tokenizer, cultures, config.batch.max_length, stage.tasks, shared)
                                   if stage.validation else None)
         self.pad_id = padding_id(tokenizer)
+        frozen = config.frozen_cultures()  # checked against init_from before the model is built
         model, _ = build_model(config, self.device)
+        if config.init_from is not None:  # a resumed run then loads its checkpoint over these weights
+            model.load_cultures_from(config.init_from)
+            model.freeze_cultures(frozen)
         self.model_cultures = model.config.cultures
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.engine, _, _, self.scheduler = deepspeed.initialize(
