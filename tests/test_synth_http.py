@@ -149,6 +149,8 @@ def test_searxng_results_become_documents(serve):
     assert [d["id"] for d in docs] == ["https://a.example/jp", "https://c.example/jp2"]
     assert all(d["culture"] == "japan" and d["source_type"] == "web search result" for d in docs)
     assert server.seen[-1]["path"].startswith("/search?q=Japan+tipping&format=json")
+    SearxngRetriever(server.url, client=client, language="culture").search("日本の文化", "japan")
+    assert "language=ja-JP" in server.seen[-1]["path"]
     server = serve([{"payload": {"answers": []}}])
     with pytest.raises(ValueError, match="no 'results' list"):
         SearxngRetriever(server.url, client=client).search("x", "japan")

@@ -7,9 +7,11 @@ import pytest
 
 from moa.data import CULTURES, DataError, norms
 from moa.synth.bm25 import BM25, tokenize
+from moa.synth.queries import make_queries
 from moa.synth.retrieval import LocalRetriever, load_corpus, recall_at_k
 
 LABELLED = Path(norms.BUNDLED) / "retrieval_queries.jsonl"
+DATA = Path(__file__).parent / "data"
 
 
 def labelled_queries():
@@ -23,9 +25,51 @@ def labelled_queries():
     return items
 
 
-def test_tokenize_lowercases_strips_accents_stop_words_and_suffixes():
-    assert tokenize("Tipping the Waiters in São Paulo") == ["tip", "waiter", "sao", "paulo"]
+def test_tokenize_folds_case_keeps_accents_and_reads_every_script():
+    assert tokenize("Tipping the Waiters in São Paulo") == ["tip", "waiter", "são", "paulo"]
     assert tokenize("customs, tips; TIP") == ["custom", "tip", "tip"]
+    assert tokenize("Größe") == tokenize("GRÖSSE") != tokenize("groe")
+    assert tokenize("ﾃｽﾄ ＡＢＣ") == ["テス", "スト", "abc"]  # NFKC: half-width kana and full-width letters
+    assert tokenize("日本の茶道") == ["日本", "本の", "の茶", "茶道"]  # unspaced scripts: character bigrams
+    assert tokenize("서울에서") == ["서울", "울에", "에서"] and tokenize("茶") == ["茶"]
+    assert tokenize("हिन्दी भाषा") == ["हिन्दी", "भाषा"]  # vowel signs and virama stay in the word
+    assert tokenize("القَهْوَة") == tokenize("قهوة")  # Arabic: vowel marks and the article dropped
+    assert tokenize("Ελληνικός ΚΑΦΈΣ") == ["ελληνικόσ", "καφέσ"]
+    assert tokenize("tea 中文 чай") == ["tea", "中文", "чай"]
+
+
+def test_recall_at_5_in_every_script_on_a_mixed_language_corpus():
+    """Documents in eight languages (eight scripts) in one corpus, each the others' distractors;
+    queries in each language must find their document."""
+    items = [json.loads(line) for line in (DATA / "multilingual_queries.jsonl").read_text(encoding="utf-8").splitlines()]
+    retriever = LocalRetriever(corpus=DATA / "multilingual_corpus.jsonl")
+    languages = dict.fromkeys(i["language"] for i in items)
+    assert set(languages) >= {"de", "ru", "el", "ar", "hi", "zh", "ja", "ko"}
+    report = {}
+    for language in languages:
+        mine = [{**i, "culture": None} for i in items if i["language"] == language]
+        report[language] = recall_at_k(retriever, mine, k=5)
+    print("recall@5 per language:", report)
+    assert all(r >= 0.9 for r in report.values()), report
+
+
+def test_native_queries_find_documents_in_the_cultures_language(tmp_path):
+    docs = [{"id": "ja-1", "culture": "japan", "title": "日本の文化と習慣", "source_type": "blog",
+             "text": "日本ではお辞儀で挨拶し、家に上がるときは靴を脱ぎます。"},
+            {"id": "ar-1", "culture": "egypt", "title": "ثقافة مصر", "source_type": "blog",
+             "text": "عادات مصر في الطعام والأعياد وآداب السلوك."},
+            {"id": "en-1", "culture": "japan", "title": "Japan", "source_type": "blog", "text": "Bowing in Japan."}]
+    path = tmp_path / "corpus.jsonl"
+    path.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
+    retriever = LocalRetriever(corpus=path)
+    cultures = norms.cultures()
+    assert cultures["japan"].language_codes[0] == "ja" and cultures["egypt"].region == "EG"
+    for culture, doc_id in (("japan", "ja-1"), ("egypt", "ar-1")):
+        queries = make_queries(cultures[culture], None, languages="native")
+        assert queries and {q.kind for q in queries} == {"native"}
+        assert all(retriever.search(q.text, culture, 1)[0]["id"] == doc_id for q in queries)
+    both = make_queries(cultures["japan"], None, languages="both")
+    assert {q.kind for q in both} == {"task", "broad", "native"}
 
 
 def test_bm25_matches_the_formula():

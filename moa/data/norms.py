@@ -51,6 +51,9 @@ class Culture:
     values: str
     places: list
     names: list
+    language_codes: list  # BCP 47 codes of the languages its documents and queries may be in, main first
+    region: str  # ISO 3166-1 alpha-2, passed to web search with the language
+    native_name: str  # the country's name in its main language (the {culture} slot of native queries)
 
     @property
     def title(self) -> str:

@@ -1,23 +1,53 @@
-"""Okapi BM25 over a small in-memory corpus.
+"""Okapi BM25 over a corpus in any script, held as numpy arrays (a million passages fit in a few GiB).
 
 score(q, d) = sum over query terms t of idf(t) * tf(t, d) * (k1 + 1) / (tf(t, d) + k1 * (1 - b + b * |d| / avgdl))
-with idf(t) = ln(1 + (N - df(t) + 0.5) / (df(t) + 0.5)). Terms are lower-cased, accent-free
-alphanumeric words with stop words removed and a light suffix stemming (tips -> tip, tipping -> tip).
+with idf(t) = ln(1 + (N - df(t) + 0.5) / (df(t) + 0.5)).
+
+Terms: text is NFKC-normalised and case-folded. Scripts written with spaces give words (letters with
+their combining marks, so accents stay: `Größe` and `groe` differ; Devanagari keeps its vowel signs);
+scripts written without spaces (Chinese, Japanese, Korean Hangul, Thai, Lao, Khmer, Myanmar) give
+overlapping character bigrams, so a corpus and its queries may mix languages freely. Arabic loses its
+optional vowel marks and tatweel, unifies alef forms and drops the article al-. English stop words
+are removed and ASCII words lightly stemmed (tips -> tip, tipping -> tip).
 """
 from __future__ import annotations
 
-import math
 import re
+import sys
 import unicodedata
-from collections import Counter
+from array import array
 
 import numpy as np
 
 from moa.errors import UsageError
 
-WORD = re.compile(r"[a-z0-9]+")
 STOP_WORDS = frozenset("""a an and are as at be by do does for from how in is it its of on or that the their
 them then there these they this to was what when where which who why will with you your""".split())
+
+
+def _marks() -> str:
+    """A regex class body of every combining mark in the Basic Multilingual Plane."""
+    ranges, start = [], None
+    for cp in range(0x10000):
+        is_mark = unicodedata.category(chr(cp)).startswith("M")
+        if is_mark and start is None:
+            start = cp
+        elif not is_mark and start is not None:
+            ranges.append(f"\\u{start:04x}-\\u{cp - 1:04x}")
+            start = None
+    return "".join(ranges)
+
+
+# scripts written without spaces between words: Thai, Lao, Myanmar, Khmer, Hangul Jamo, CJK
+# punctuation-free blocks (kana, CJK ideographs), Hangul syllables, CJK compatibility ideographs
+UNSPACED = ("\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u1100-\u11ff\u3040-\u30ff\u3130-\u318f\u31f0-\u31ff"
+            "\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff")
+TOKEN = re.compile(f"[{UNSPACED}]+|(?:(?![{UNSPACED}])[\\w{_marks()}])+")
+HAS_UNSPACED = re.compile(f"[{UNSPACED}]")
+WORD = re.compile(f"[\\w{_marks()}]+")
+ARABIC = re.compile("[\u0600-\u06ff]")
+ARABIC_MARKS = re.compile("[\u0640\u064b-\u065f\u0670]")
+ALEF = str.maketrans("أإآٱى", "اااای")
 
 
 def stem(word: str) -> str:
@@ -32,46 +62,83 @@ def stem(word: str) -> str:
     return word
 
 
+def _terms(word: str) -> list[str]:
+    if HAS_UNSPACED.match(word):
+        if len(word) == 1:
+            return [word]
+        return [word[i:i + 2] for i in range(len(word) - 1)]
+    if word in STOP_WORDS or word == "_":
+        return []
+    if word.isascii():
+        return [stem(word)]
+    if ARABIC.match(word):
+        word = ARABIC_MARKS.sub("", word).translate(ALEF)
+        for article in ("وال", "بال", "فال", "كال", "لل", "ال"):
+            if word.startswith(article) and len(word) > len(article) + 1:
+                return [word[len(article):]]
+    return [word]
+
+
 def tokenize(text: str) -> list[str]:
-    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
-    return [stem(w) for w in WORD.findall(text) if w not in STOP_WORDS]
+    text = unicodedata.normalize("NFKC", text).casefold()
+    words = TOKEN.findall(text) if HAS_UNSPACED.search(text) else WORD.findall(text)
+    return [term for word in words for term in _terms(word)]
 
 
 class BM25:
-    """An index over `texts`; `scores(query)` gives one score per text, `top(query, k)` the best k."""
+    """An index over `texts`; `scores(query)` gives one score per text, `top(query, k)` the best k.
 
-    def __init__(self, texts: list[str], k1: float = 1.5, b: float = 0.75):
-        if not texts:
-            raise UsageError("BM25 needs at least one document")
+    Postings are one array per corpus (term-major, like a CSC matrix): for term id t its documents
+    are docs[starts[t]:starts[t + 1]] with their precomputed BM25 weights alongside."""
+
+    def __init__(self, texts, k1: float = 1.5, b: float = 0.75):
         if k1 < 0 or not 0 <= b <= 1:
             raise UsageError(f"BM25 needs k1 >= 0 and 0 <= b <= 1, got k1={k1}, b={b}")
-        self.n = len(texts)
-        counts = [Counter(tokenize(t)) for t in texts]
-        lengths = np.array([sum(c.values()) for c in counts], dtype=np.float64)
-        avgdl = max(lengths.mean(), 1.0)
+        vocab: dict[str, int] = {}
+        flat, lengths = array("q"), array("q")  # every document's term ids, one after another
+        for text in texts:
+            ids = [vocab.setdefault(term, len(vocab)) for term in tokenize(text)]
+            flat.extend(ids)
+            lengths.append(len(ids))
+        if not lengths:
+            raise UsageError("BM25 needs at least one document")
+        self.n, self.vocab = len(lengths), vocab
+        lengths = np.frombuffer(lengths, dtype=np.int64)
+        flat = np.frombuffer(flat, dtype=np.int64)
+        doc_of = np.repeat(np.arange(self.n, dtype=np.int64), lengths)
+        # one (term, doc) pair per distinct occurrence, sorted term-major; tf = how often it occurs
+        pairs, tf = np.unique(flat * self.n + doc_of, return_counts=True)
+        del flat, doc_of
+        terms, self.docs = np.divmod(pairs, self.n)
+        self.docs = self.docs.astype(np.int32)
+        del pairs
+        self.starts = np.searchsorted(terms, np.arange(len(vocab) + 1))
+        df = np.diff(self.starts)
+        idf = np.log1p((self.n - df + 0.5) / (df + 0.5))
+        avgdl = max(float(lengths.mean()), 1.0)
         norm = k1 * (1 - b + b * lengths / avgdl)
-        postings: dict[str, list] = {}
-        for doc, c in enumerate(counts):
-            for term, tf in c.items():
-                postings.setdefault(term, []).append((doc, tf))
-        # term -> (doc indices, precomputed BM25 weights)
-        self.postings = {}
-        for term, entries in postings.items():
-            docs = np.array([d for d, _ in entries])
-            tf = np.array([t for _, t in entries], dtype=np.float64)
-            idf = math.log(1 + (self.n - len(entries) + 0.5) / (len(entries) + 0.5))
-            self.postings[term] = (docs, idf * tf * (k1 + 1) / (tf + norm[docs]))
+        tf = tf.astype(np.float32)
+        self.weights = (idf[terms] * tf * (k1 + 1) / (tf + norm[self.docs])).astype(np.float32)
 
     def scores(self, query: str) -> np.ndarray:
-        out = np.zeros(self.n)
+        out = np.zeros(self.n, dtype=np.float32)
         for term in tokenize(query):
-            if term in self.postings:
-                docs, weights = self.postings[term]
-                out[docs] += weights
+            t = self.vocab.get(term)
+            if t is not None:
+                lo, hi = self.starts[t], self.starts[t + 1]
+                out[self.docs[lo:hi]] += self.weights[lo:hi]
         return out
 
     def top(self, query: str, k: int) -> list[tuple[int, float]]:
         """The k best (index, score) pairs with a positive score, best first (ties by index)."""
         s = self.scores(query)
-        order = sorted(np.flatnonzero(s > 0), key=lambda i: (-s[i], i))[:k]
+        hits = np.flatnonzero(s > 0)
+        if len(hits) > k:
+            kth = np.partition(s[hits], len(hits) - k)[len(hits) - k]
+            hits = hits[s[hits] >= kth]
+        order = sorted(hits, key=lambda i: (-s[i], i))[:k]
         return [(int(i), float(s[i])) for i in order]
+
+    def nbytes(self) -> int:
+        """The index arrays' size in bytes (the vocabulary dict aside)."""
+        return self.docs.nbytes + self.weights.nbytes + self.starts.nbytes + sys.getsizeof(self.vocab)

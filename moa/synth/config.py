@@ -11,7 +11,7 @@ from moa.config_loader import apply_overrides, from_mapping, load_yaml
 from moa.data.schema import CULTURES, TASKS
 from moa.errors import UsageError
 from moa.resources import CONFIGS
-from moa.synth.queries import BROAD_QUERIES
+from moa.synth.queries import BROAD_QUERIES, NATIVE_QUERIES
 
 DEFAULT_TASK_DIR = CONFIGS / "tasks"
 # llm keys that change how fast or how the calls are made, not the data: a run may resume with others
@@ -37,7 +37,8 @@ class SearxngConfig:
     timeout_s: float = field(default=10.0, metadata={"help": "Timeout of one search request."})
     max_retries: int = field(default=3, metadata={"help": "Retries of a failed search request."})
     requests_per_minute: float | None = field(default=30, metadata={"help": "Rate limit (None: none)."})
-    language: str = field(default="en", metadata={"help": "Search language."})
+    language: str = field(default="en", metadata={"help": "Search language, e.g. 'en' or 'ja-JP'; 'culture': each "
+                                                          "culture's main language and region from the bundled norms."})
 
 
 @dataclass
@@ -103,6 +104,11 @@ class SynthConfig:
     balance: bool = field(default=True, metadata={"help": "Cut every culture to the smallest culture's count per task."})
     broad_queries: list[str] = field(default_factory=lambda: list(BROAD_QUERIES),
                                 metadata={"help": "Stage-1 query templates, each with a {culture} slot."})
+    query_languages: Literal["english", "native", "both"] = field(
+        default="english", metadata={"help": "Queries in English, in each culture's own languages (its language_codes "
+                                             "in the bundled norms, templates from native_queries) or both."})
+    native_queries: dict[str, list[str]] = field(default_factory=lambda: dict(NATIVE_QUERIES), metadata={
+        "help": "Query templates per language code, each with a {culture} slot (the culture's native_name)."})
     max_consecutive_errors: int = field(default=5, metadata={"help": "Failed LLM calls in a row before the run stops."})
     cache: bool = field(default=True, metadata={"help": "Cache the LLM calls (work/cache.sqlite), so a rerun resumes."})
     plot: bool = field(default=True, metadata={"help": "Draw summary.png."})
@@ -134,6 +140,8 @@ class SynthConfig:
         unknown = [t for t in self.tasks if t not in TASKS]
         if unknown or not self.tasks:
             raise UsageError(f"tasks must be a non-empty list from {TASKS}, got {self.tasks!r}")
+        if any("{culture}" not in q for templates in self.native_queries.values() for q in templates):
+            raise UsageError(f"every native query needs a {{culture}} slot, got {self.native_queries!r}")
         if any("{culture}" not in q for q in self.broad_queries):
             raise UsageError(f"every broad query needs a {{culture}} slot, got {self.broad_queries!r}")
         if self.llm.backend == "offline" and not (self.retrieval.backend == "bm25" and self.retrieval.corpus == "bundled"):

@@ -150,7 +150,8 @@ class Caller:
 def _requests(job: Job, spec, cfg: SynthConfig, retriever: Retriever):
     """The job's (query, passages, request) in order, round after round; request is None without passages."""
     culture = norms.cultures()[job.culture]
-    queries = make_queries(culture, spec if job.stage == 2 else None, cfg.broad_queries)
+    queries = make_queries(culture, spec if job.stage == 2 else None, cfg.broad_queries,
+                           languages=cfg.query_languages, native=cfg.native_queries)
     for round_ in range(cfg.max_rounds):
         for query in queries:
             passages = retriever.search(query.text, job.culture, cfg.retrieval.top_k)

@@ -74,7 +74,8 @@ class SearxngRetriever(Retriever):
     """Web search through a SearXNG instance's JSON API: GET {base_url}/search?q=...&format=json.
 
     Results become documents with source_type "web search result" and the culture the query was
-    made for. Timeouts, retries (429 with Retry-After, 5xx) and a request rate limit come from
+    made for. `language` is sent with every query: a fixed one ('en', 'ja-JP') or 'culture', the
+    culture's main language and region ('ja-JP' for Japan). Timeouts, retries (429 with Retry-After, 5xx) and a request rate limit come from
     HttpClient.
     """
 
@@ -89,8 +90,17 @@ class SearxngRetriever(Retriever):
         self.client = client or HttpClient(timeout_s=timeout_s, max_retries=max_retries,
                                            requests_per_minute=requests_per_minute)
 
+    def search_language(self, culture: str | None) -> str:
+        """The search language: the configured one, or with 'culture' that culture's main language and region."""
+        if self.language != "culture":
+            return self.language
+        c = norms.cultures().get(culture)
+        if c is None:
+            raise UsageError(f"searxng language 'culture' needs a bundled culture, got {culture!r}")
+        return f"{c.language_codes[0]}-{c.region}"
+
     def search(self, query: str, culture: str | None = None, k: int = 5) -> list[dict]:
-        params = urllib.parse.urlencode({"q": query, "format": "json", "language": self.language})
+        params = urllib.parse.urlencode({"q": query, "format": "json", "language": self.search_language(culture)})
         reply = self.client.request_json("GET", f"{self.base_url}/search?{params}")
         results = reply.get("results") if isinstance(reply, dict) else None
         if not isinstance(results, list):
