@@ -42,7 +42,7 @@ def _marks() -> str:
 # punctuation-free blocks (kana, CJK ideographs), Hangul syllables, CJK compatibility ideographs
 UNSPACED = ("\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u1100-\u11ff\u3040-\u30ff\u3130-\u318f\u31f0-\u31ff"
             "\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff")
-TOKEN = re.compile(f"[{UNSPACED}]+|(?:(?![{UNSPACED}])[\\w{_marks()}])+")
+RUNS = re.compile(f"[{UNSPACED}]+|[^{UNSPACED}]+")  # a word cut where it enters or leaves an unspaced script
 HAS_UNSPACED = re.compile(f"[{UNSPACED}]")
 WORD = re.compile(f"[\\w{_marks()}]+")
 ARABIC = re.compile("[\u0600-\u06ff]")
@@ -79,10 +79,20 @@ def _terms(word: str) -> list[str]:
     return [word]
 
 
+def word_terms(word: str) -> list[str]:
+    """The index terms of one word as `words` cuts them (a word may run from one script into another)."""
+    if HAS_UNSPACED.search(word):
+        return [term for run in RUNS.findall(word) for term in _terms(run)]
+    return _terms(word)
+
+
+def words(text: str) -> list[str]:
+    """NFKC-normalised, case-folded runs of letters, digits and combining marks."""
+    return WORD.findall(unicodedata.normalize("NFKC", text).casefold())
+
+
 def tokenize(text: str) -> list[str]:
-    text = unicodedata.normalize("NFKC", text).casefold()
-    words = TOKEN.findall(text) if HAS_UNSPACED.search(text) else WORD.findall(text)
-    return [term for word in words for term in _terms(word)]
+    return [term for word in words(text) for term in word_terms(word)]
 
 
 class BM25:
@@ -96,10 +106,19 @@ class BM25:
             raise UsageError(f"BM25 needs k1 >= 0 and 0 <= b <= 1, got k1={k1}, b={b}")
         vocab: dict[str, int] = {}
         flat, lengths = array("q"), array("q")  # every document's term ids, one after another
+        known: dict[str, list[int]] = {}  # word -> its term ids: most words recur, so each is split once
         for text in texts:
-            ids = [vocab.setdefault(term, len(vocab)) for term in tokenize(text)]
+            ids = []
+            for word in words(text):
+                got = known.get(word)
+                if got is None:
+                    got = [vocab.setdefault(term, len(vocab)) for term in word_terms(word)]
+                    if len(word) <= 32:
+                        known[word] = got
+                ids += got
             flat.extend(ids)
             lengths.append(len(ids))
+        del known
         if not lengths:
             raise UsageError("BM25 needs at least one document")
         self.n, self.vocab = len(lengths), vocab
