@@ -30,9 +30,9 @@ class Server:
         self.log.seek(0)
         return self.log.read()
 
-    def request(self, method, path, body=None, headers=None):
+    def request(self, method, path, body=None, headers=None, timeout=60):
         """(status, headers (case-insensitive), bytes) of one raw HTTP request; `body` is bytes or a JSON-able object."""
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=60)
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
         data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
         conn.request(method, path, body=data, headers={"Content-Type": "application/json",
                                                        "Authorization": f"Bearer {self.api_key}", **(headers or {})})

@@ -43,7 +43,7 @@ from moa.serve.engine import QueueFull, Request
 from moa.serve.openai_protocol import SPECIAL_MODELS, ApiError, ParsedRequest, parse, short, text_ids
 
 log = logging.getLogger("moa.serve")
-PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")
+PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info", "/admin/")
 REQUEST_ID = re.compile(r"^[\w.:@-]{1,128}$")
 
 
@@ -343,6 +343,28 @@ class Responses:
         yield "data: [DONE]\n\n"
 
 
+def load_for_switch(current: str, path: str, device):
+    """The model of saved run `path`, once it is checked to fit the server serving `current`: the same base
+    (its base_model.json) and LoRA rank; ApiError 400 for a directory that is no saved run, 409 for one that
+    does not fit (the server keeps serving `current`)."""
+    from moa import saved_run
+    from moa.base_model import load_moa
+    from moa.errors import USER_OS_ERRORS, UsageError
+
+    try:
+        config, spec = saved_run.read(path)
+        old_config, old_spec = saved_run.read(current)
+        if spec.to_dict() != old_spec.to_dict():
+            raise ApiError(409, f"{short(path)} is a run of another base ({spec.to_dict()}) than the one served "
+                                f"({old_spec.to_dict()}): start a server for it", param="model", code="incompatible_run")
+        if config.r != old_config.r:
+            raise ApiError(409, f"{short(path)} has LoRA rank {config.r}, the served run {old_config.r}: a running "
+                                "server switches only between runs of one rank", param="model", code="incompatible_run")
+        return load_moa(path, device=device)[0]
+    except (UsageError, *USER_OS_ERRORS) as e:
+        raise ApiError(400, f"cannot switch to {short(path)}: {short(str(e), 300)}", param="model") from None
+
+
 def tokenizer_info(tokenizer, context_length: int) -> dict:
     """vLLM's /tokenizer_info: the tokenizer's class, special tokens, context and chat template."""
     return {"tokenizer_class": type(tokenizer).__name__, "eos_token": tokenizer.eos_token, "bos_token": tokenizer.bos_token,
@@ -351,25 +373,47 @@ def tokenizer_info(tokenizer, context_length: int) -> dict:
 
 
 def create_app(engine, tokenizer, *, max_body_bytes: int = 1 << 20, shutdown_timeout: float = 30.0,
-               api_key: str | None = None, allowed_origins: list[str] | None = None, body_timeout: float = 30.0) -> Starlette:
-    """The Starlette app serving `engine` (started and shut down with the app's lifespan)."""
+               api_key: str | None = None, allowed_origins: list[str] | None = None, body_timeout: float = 30.0,
+               run_dir: str | None = None) -> Starlette:
+    """The Starlette app serving `engine` (started and shut down with the app's lifespan); `run_dir`, the saved run
+    it serves, enables `POST /admin/switch` (with an API key)."""
     from moa import __version__
 
-    cultures = list(engine.cultures)
+    serving = {"run_dir": run_dir}
+    switching = asyncio.Lock()
     tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moa-tokenize")  # one tokenizer, one thread
 
     async def off_loop(fn, *args):
         return await asyncio.get_running_loop().run_in_executor(tokenizing, fn, *args)
 
     async def models(request):
-        return models_response(cultures, max_model_len=engine.context_length)
+        return models_response(engine.cultures, max_model_len=engine.context_length)
 
     async def model(request):
-        return models_response(cultures, request.path_params["model"], max_model_len=engine.context_length)
+        return models_response(engine.cultures, request.path_params["model"], max_model_len=engine.context_length)
+
+    async def switch(request):
+        if not api_key or serving["run_dir"] is None:
+            raise ApiError(403, "switching runs needs the server started by `moa serve --model RUN_DIR --api-key KEY`",
+                           code="switch_disabled")
+        body = await read_json(request, max_body_bytes, body_timeout)
+        path = body.get("model")
+        if not isinstance(path, str) or not path:
+            raise ApiError(400, f"'model' must be a saved run directory, got {short(path)}", param="model")
+        if switching.locked():
+            raise ApiError(409, "a switch to another run is already in progress", code="switch_in_progress")
+        async with switching:
+            start = time.perf_counter()
+            model = await asyncio.to_thread(load_for_switch, serving["run_dir"], path, engine.model.device)
+            await asyncio.to_thread(engine.switch, model)
+            serving["run_dir"] = path
+        log.info("switched to %s (%s) in %.1fs", path, ", ".join(engine.cultures), time.perf_counter() - start)
+        return JSONResponse({"model": path, "cultures": engine.cultures, "seconds": time.perf_counter() - start})
 
     async def health(request):
         gauges = engine.scheduler.gauges()
-        return JSONResponse({"status": "ok", "queue_depth": gauges["queue_depth"], "running": gauges["running"]})
+        return JSONResponse({"status": "ok", "queue_depth": gauges["queue_depth"], "running": gauges["running"],
+                             "switching": engine.switching})
 
     async def metrics_text(request):
         return PlainTextResponse(engine.render_metrics(), media_type="text/plain; version=0.0.4")
@@ -410,7 +454,7 @@ def create_app(engine, tokenizer, *, max_body_bytes: int = 1 << 20, shutdown_tim
             request_id = request.scope["state"]["request_id"]
             try:
                 body = await read_json(request, max_body_bytes, body_timeout)
-                parsed = await off_loop(parse, body, chat, tokenizer, cultures, engine.context_length, engine.vocab_size)
+                parsed = await off_loop(parse, body, chat, tokenizer, engine.cultures, engine.context_length, engine.vocab_size)
                 generation = Generation(engine, parsed, request_id)
             except ApiError as e:
                 engine.metrics.reject(e.status)
@@ -449,6 +493,7 @@ def create_app(engine, tokenizer, *, max_body_bytes: int = 1 << 20, shutdown_tim
     routes = [Route("/v1/models", models), Route("/v1/models/{model:path}", model), Route("/health", health),
               Route("/metrics", metrics_text), Route("/version", version), Route("/tokenizer_info", info),
               Route("/tokenize", tokenize, methods=["POST"]), Route("/detokenize", detokenize, methods=["POST"]),
+              Route("/admin/switch", switch, methods=["POST"]),
               Route("/v1/completions", endpoint(chat=False), methods=["POST"]),
               Route("/v1/chat/completions", endpoint(chat=True), methods=["POST"])]
     return build(routes, lifespan, api_key, allowed_origins, {ApiError: api_error, HTTPException: http_error})

@@ -13,7 +13,10 @@ within --shutdown-timeout (those still running then end with an error, a stream 
 and [DONE]), exit 0. --api-key (or MOA_API_KEY) makes /v1/* and the tokenizer endpoints require
 `Authorization: Bearer KEY`; the front forwards the client's Authorization header upstream, or
 --upstream-api-key (MOA_UPSTREAM_API_KEY) when given. Flags named as vLLM's mean what they mean there:
---host, --port, --api-key, --max-model-len, --max-num-seqs (= --max-batch-size), --allowed-origins.
+--host, --port, --api-key, --max-model-len, --max-num-seqs (= --max-batch-size), --allowed-origins. With --api-key, `POST
+/admin/switch {"model": RUN_DIR}` switches to another saved run of the same base and rank without a
+restart: requests in flight finish on the weights they started with, the ones arriving meanwhile wait,
+then /v1/models lists the new run's cultures.
 """
 from __future__ import annotations
 
@@ -99,7 +102,8 @@ def run(args) -> int:
         except ValueError as e:
             raise UsageError(f"engine settings: {e}") from None
         app = create_app(engine, tokenizer, max_body_bytes=args.max_body_bytes, shutdown_timeout=args.shutdown_timeout,
-                         api_key=args.api_key, allowed_origins=origins, body_timeout=args.body_timeout)
+                         api_key=args.api_key, allowed_origins=origins, body_timeout=args.body_timeout,
+                         run_dir=args.model)
         on_exit = lambda: engine.shutdown(args.shutdown_timeout)  # noqa: E731
     try:
         sock = socket.create_server((args.host, args.port))

@@ -9,6 +9,7 @@ Interface (what the HTTP app uses):
         # field (prompt_ids, model, max_tokens) for a request it cannot run, and RuntimeError once
         # shutdown began; sampling parameters are checked where SamplingParams is built
     handle.cancel()                                  # the request leaves the batch at the next step
+    engine.switch(model)                             # serve another run of the same base from the next free step
     engine.shutdown(timeout_s) -> bool               # stop admitting, finish what was submitted, stop the thread
     engine.metrics                                   # the one metrics source (moa.serve.metrics.Metrics)
     engine.stats() -> dict                           # gauges and counters, see `Engine.stats`
@@ -31,6 +32,9 @@ A step: prefill what the scheduler planned (whole prompts together in one left-p
 transformers DynamicCache of its own, a longer prompt chunk by chunk); a request whose prompt is done
 samples its first token and its keys and values join the slab; then one decode forward runs every
 running row, each with its own culture ('oracle' routing, culture id -1 for "base": no adapter).
+`switch(model)` drains: nothing new is admitted, the running requests finish on the weights they
+started with, then the loop thread swaps the model between two steps and the waiting requests run on
+the new one (a request naming a culture the new run lacks ends with an error).
 "auto" requests take the router's pick for the prompt (`model.route_sequences`, which reads only the
 embeddings). A failure while prefilling, sampling or detokenizing ends only the requests it touched,
 with an "error" event, a log line and a count in `moa_request_failures_total`; a failed decode
@@ -187,6 +191,44 @@ class Engine:
             self._thread.join()
         return finished
 
+    def switch(self, model) -> None:
+        """Serve `model` (a MoAForCausalLM on the same base, so the tokenizer and KV slab still fit) from the first
+        step at which no request runs; returns once it serves. Requests in flight finish on the old model."""
+        scheduler = self.scheduler
+        done = threading.Event()
+        with scheduler.lock:
+            if scheduler.switch is not None:
+                raise RuntimeError("a switch to another model is already in progress")
+            if self._thread is None:
+                self._use(model)
+                return
+            scheduler.switch = (model, done)
+            scheduler.lock.notify()
+        done.wait()
+
+    @property
+    def switching(self) -> bool:
+        """A switch waits for the running requests to finish (new requests wait for it)."""
+        return self.scheduler.switch is not None
+
+    def _use(self, model) -> None:
+        """Swap in `model` (no request running); waiting requests are resolved against its cultures."""
+        self.model, self.cultures = model, list(model.config.cultures)
+        self.metrics.add_models(self.cultures)
+        gone = []
+        with self.scheduler.lock:
+            for seq in self.scheduler.waiting:
+                name = seq.request.model
+                seq.cultures = self.cultures
+                if name in self.cultures:
+                    seq.culture_id = self.cultures.index(name)
+                elif name not in ("auto", "base"):
+                    gone.append(seq)
+            for seq in gone:
+                self.scheduler.waiting.remove(seq)
+        for seq in gone:
+            self._finish(seq, "error", f"the server switched to a run without culture {seq.request.model!r}")
+
     def stats(self) -> dict:
         """queue_depth, running (rows in the decode batch), prefilling, cache_tokens (KV-cache token slots
         held, padding included), peak_cache_tokens, max_cache_tokens, steps (decode steps so far),
@@ -226,6 +268,10 @@ class Engine:
         scheduler = self.scheduler
         with torch.no_grad():
             while (plan := scheduler.next_step()) is not None:
+                if plan.switch is not None:
+                    model, done = plan.switch
+                    self._use(model)
+                    done.set()
                 for seq in plan.cancelled:
                     self._finish(seq, "cancelled")
                 cancelled = [seq for seq in scheduler.running if seq.cancelled]

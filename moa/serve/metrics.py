@@ -49,6 +49,13 @@ class Metrics:
         self.peak_cache_tokens = 0
         self.ttft, self.itl = Histogram(), Histogram()
 
+    def add_models(self, models: list[str]) -> None:
+        """Count these models too (after a switch to a run with more cultures)."""
+        with self._lock:
+            for name in models:
+                self.requests.setdefault(name, 0)
+                self.tokens.setdefault(name, 0)
+
     def started(self, culture: str) -> None:
         with self._lock:
             self.requests[culture] += 1

@@ -6,7 +6,8 @@ row (`max_batch_size` rows, counting the ones prefilling); a step prefills at mo
 prompt tokens over all new requests: those whose whole prompts fit the step's budget together in one
 left-padded forward (`StepPlan.whole`), a longer prompt alone, chunk by chunk over several steps
 (`StepPlan.chunks`). A prefilled request joins the running batch as the slab's last row; a finished
-one leaves and the slab's last row takes its place.
+one leaves and the slab's last row takes its place. While a switch to another model waits, nothing
+new is admitted; once the running requests are done, the next step is the switch (`StepPlan.switch`).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ class StepPlan:
     cancelled: list = field(default_factory=list)  # sequences cancelled before they ran (to be finished)
     whole: list = field(default_factory=list)  # sequences whose whole prompts prefill together
     chunks: list = field(default_factory=list)  # (sequence, prompt tokens to prefill this step)
+    switch: tuple | None = None  # (model, done event): nothing runs; the engine switches to the model now
 
 
 class Scheduler:
@@ -43,6 +45,7 @@ class Scheduler:
         self.culture_ids: list[int] = []  # of the running rows, -1 = base
         self.stopping = False  # no new requests
         self.deadline_passed = False  # the step loop ends the requests left
+        self.switch: tuple | None = None  # (model, done event) waiting for the running requests to finish
         self._durations = collections.deque(maxlen=100)  # seconds of recently finished requests
 
     def add(self, seq) -> None:
@@ -67,7 +70,10 @@ class Scheduler:
             for seq in [s for s in self.waiting if s.cancelled] + [s for s in self.prefilling if s.cancelled]:
                 (self.waiting if seq in self.waiting else self.prefilling).remove(seq)
                 plan.cancelled.append(seq)
-            while self.waiting and len(self.running) + len(self.prefilling) < self.max_batch_size:
+            if self.switch is not None and not (self.prefilling or self.running):
+                plan.switch, self.switch = self.switch, None
+                return plan
+            while self.switch is None and self.waiting and len(self.running) + len(self.prefilling) < self.max_batch_size:
                 self.prefilling.append(self.waiting.popleft())
             if not (self.prefilling or self.running or plan.cancelled):
                 self.lock.wait(0.05)
@@ -117,6 +123,9 @@ class Scheduler:
         """Every sequence still held (the loop has ended), the slab cleared."""
         with self.lock:
             left = list(self.waiting) + self.prefilling + self.running
+            if self.switch is not None:  # abandoned: the engine stops
+                self.switch[1].set()
+                self.switch = None
             self.waiting.clear()
             self.prefilling, self.running, self.culture_ids = [], [], []
             self.slab.clear()
