@@ -207,10 +207,10 @@ def test_nan_weights_are_refused_naming_the_tensor(run_dir, tmp_path, prompts, c
 
 
 @pytest.mark.parametrize("option, value, message", [
-    ("--top-p", "2", "top_p must be in (0, 1], got 2.0"),
-    ("--top-p", "0", "top_p must be in (0, 1], got 0.0"),
-    ("--temperature", "-1", "temperature must be a number > 0, got -1.0"),
-    ("--temperature", "nan", "temperature must be a number > 0, got nan"),
+    ("--top-p", "2", "'top_p' must be a number in (0, 1], got 2.0"),
+    ("--top-p", "0", "'top_p' must be a number in (0, 1], got 0.0"),
+    ("--temperature", "-1", "'temperature' must be a number in [0, 2], got -1.0"),
+    ("--temperature", "nan", "'temperature' must be a number in [0, 2], got nan"),
     ("--top-k", "4", "top_k must be between 1 and the run's 3 cultures, got 4"),
 ])
 def test_sampling_parameters_out_of_range(run_dir, tmp_path, prompts, capsys, option, value, message):
