@@ -358,6 +358,7 @@ class Engine:
                 self._score_prompt(seq, logits[row, ids.shape[1] - len(seq.prompt_ids):], 0, len(seq.prompt_ids))
             logits = logits[:, -1]
         joining = [row for row, seq in enumerate(seqs) if self._first_token(seq, logits[row:row + 1])]
+        self.scheduler.leave([seq for seq in seqs if seq.done])
         if joining:
             self.scheduler.join([seqs[row] for row in joining], compat.kv_tensors(cache), joining)
 
@@ -383,11 +384,13 @@ class Engine:
             cache, seq.cache = seq.cache, None
             if self._first_token(seq, logits):
                 self.scheduler.join([seq], compat.kv_tensors(cache), [0])
+            else:
+                self.scheduler.leave([seq])
 
     def _first_token(self, seq: Sequence, logits: torch.Tensor) -> bool:
-        """A prefilled request leaves the prefill list, says which culture runs it and samples its first
-        token (none when it asked for max_tokens 0: the prompt scored alone). True when it goes on decoding."""
-        self.scheduler.prefilled(seq)
+        """A prefilled request says which culture runs it and samples its first token (none when it asked for
+        max_tokens 0: the prompt scored alone). True when it goes on decoding (it stays on the prefill list until it
+        joins the running batch or leaves)."""
         self.metrics.started(seq.culture)
         scored = seq.prompt_logprobs if seq.params.prompt_logprobs is not None else None
         self._send(seq, Event("routed", culture=seq.culture, router_confidence=seq.confidence, prompt_logprobs=scored))

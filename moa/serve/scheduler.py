@@ -90,16 +90,12 @@ class Scheduler:
                 budget -= min(left, budget)
             return plan
 
-    def prefilled(self, seq) -> None:
-        """`seq`'s prompt is done: it leaves the prefill list."""
-        with self.lock:
-            if seq in self.prefilling:
-                self.prefilling.remove(seq)
-
     def join(self, seqs: list, kv, rows: list[int]) -> None:
-        """Prefilled sequences (rows `rows` of a left-padded prefill cache's tensors `kv`) join the running batch."""
+        """Prefilled sequences (rows `rows` of a left-padded prefill cache's tensors `kv`) leave the prefill list and
+        join the running batch, in one step under the lock (so they are never out of both)."""
         with self.lock:
             self.slab.join(kv, rows, [len(seq.prompt_ids) for seq in seqs])
+            self.prefilling = [seq for seq in self.prefilling if seq not in seqs]
             self.running += seqs
             self.culture_ids += [seq.culture_id for seq in seqs]
 
