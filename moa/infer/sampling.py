@@ -25,7 +25,7 @@ class SamplingError(ValueError):
         self.param = param
 
 
-def _short(value, limit: int = 60) -> str:
+def short(value, limit: int = 60) -> str:
     """repr(value), cut to `limit` characters: error messages never echo a long value whole."""
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
@@ -33,14 +33,14 @@ def _short(value, limit: int = 60) -> str:
 
 def _number(name: str, value, low: float, high: float) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not low <= value <= high:
-        raise SamplingError(name, f"'{name}' must be a number in [{low:g}, {high:g}], got {_short(value)}")
+        raise SamplingError(name, f"'{name}' must be a number in [{low:g}, {high:g}], got {short(value)}")
     return float(value)
 
 
 def _count(name: str, value, low: int, high: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
         bound = f"in [{low}, {high}]" if high is not None else f"at least {low}"
-        raise SamplingError(name, f"'{name}' must be an integer {bound}, got {_short(value)}")
+        raise SamplingError(name, f"'{name}' must be an integer {bound}, got {short(value)}")
     return value
 
 
@@ -65,7 +65,7 @@ class SamplingParams:
             put("temperature", 0.0)
         top_p = self.top_p
         if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-            raise SamplingError("top_p", f"'top_p' must be a number in (0, 1], got {_short(top_p)}")
+            raise SamplingError("top_p", f"'top_p' must be a number in (0, 1], got {short(top_p)}")
         put("top_p", float(top_p))
         for name in ("presence_penalty", "frequency_penalty"):
             put(name, _number(name, getattr(self, name), -2.0, 2.0))
@@ -79,13 +79,13 @@ class SamplingParams:
         if not isinstance(stop, tuple) or len(stop) > MAX_STOP or not all(
                 isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARS for s in stop):
             raise SamplingError("stop", f"'stop' must be at most {MAX_STOP} non-empty strings of at most "
-                                        f"{MAX_STOP_CHARS} characters, got {_short(stop)}")
+                                        f"{MAX_STOP_CHARS} characters, got {short(stop)}")
         bias = []
         for token, value in self.logit_bias:
             if isinstance(token, bool) or not isinstance(token, int) or token < 0 or (
                     self.vocab_size is not None and token >= self.vocab_size):
                 top = f"..{self.vocab_size - 1}" if self.vocab_size is not None else " or more"
-                raise SamplingError("logit_bias", f"'logit_bias' keys must be token ids in 0{top}, got {_short(token)}")
+                raise SamplingError("logit_bias", f"'logit_bias' keys must be token ids in 0{top}, got {short(token)}")
             bias.append((token, _number("logit_bias", value, -100.0, 100.0)))
         put("logit_bias", tuple(bias))
 

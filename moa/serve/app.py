@@ -40,7 +40,7 @@ from starlette.routing import Route
 
 from moa.serve.detokenizer import TokenStrings, text_offsets
 from moa.serve.engine import QueueFull, Request
-from moa.serve.openai_protocol import SPECIAL_MODELS, ApiError, ParsedRequest, parse, short, text_ids
+from moa.serve.openai_protocol import SPECIAL_MODELS, ApiError, ParsedRequest, chat_prompt, parse, short, text_ids
 
 log = logging.getLogger("moa.serve")
 PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info", "/admin/")
@@ -430,7 +430,6 @@ def create_app(engine, tokenizer, *, max_body_bytes: int = 1 << 20, shutdown_tim
         if not isinstance(special, bool):
             raise ApiError(400, f"'add_special_tokens' must be a boolean, got {short(special)}", param="add_special_tokens")
         if "messages" in body:
-            from moa.serve.openai_protocol import chat_prompt
             ids = (await off_loop(chat_prompt, body, tokenizer)).ids
         else:
             prompt = body.get("prompt")

@@ -234,12 +234,7 @@ class Engine:
         held, padding included), peak_cache_tokens, max_cache_tokens, steps (decode steps so far),
         per_culture ({name: {requests, tokens}}, "base" included), finished ({reason: count}), failures
         ({stage: count}), first_tokens (requests that got a first token)."""
-        m = self.metrics
-        gauges = self.scheduler.gauges()
-        with m._lock:
-            return {**gauges, "peak_cache_tokens": m.peak_cache_tokens, "max_cache_tokens": self.max_cache_tokens,
-                    "steps": m.steps, "per_culture": {c: {"requests": m.requests[c], "tokens": m.tokens[c]} for c in m.requests},
-                    "finished": dict(m.finished), "failures": dict(m.failures), "first_tokens": m.ttft.count}
+        return {**self.scheduler.gauges(), **self.metrics.counts(), "max_cache_tokens": self.max_cache_tokens}
 
     def render_metrics(self) -> str:
         return self.metrics.render(self.scheduler.gauges())
@@ -309,11 +304,10 @@ class Engine:
                     self._guard("prefill", [seq], self._prefill_together, [seq])
 
     def _fail(self, seqs: list, stage: str, message: str) -> None:
+        """Requests held by a part of a step that failed leave the batch and end with an error."""
         self.scheduler.leave(seqs)
         for seq in seqs:
-            self.metrics.failure(stage)
-            log.error("request %s failed while %s: %s", seq.request.request_id or "-", _STAGES[stage], message)
-            self._finish(seq, "error", f"{_STAGES[stage]} failed: {message}")
+            self._fail_row(seq, stage, message)
 
     # ------------------------------------------------------------------ forwards
     def _forward(self, ids, mask, positions, culture_ids, cache, all_positions: bool = False) -> torch.Tensor:
@@ -435,7 +429,7 @@ class Engine:
         return seq.done
 
     def _fail_row(self, seq: Sequence, stage: str, message: str) -> None:
-        """One row failed inside a step (it leaves the batch with the step's finished rows)."""
+        """One request failed: logged, counted and ended with an error (its caller takes it out of the batch)."""
         self.metrics.failure(stage)
         log.error("request %s failed while %s: %s", seq.request.request_id or "-", _STAGES[stage], message)
         self._finish(seq, "error", f"{_STAGES[stage]} failed: {message}")

@@ -82,6 +82,14 @@ class Metrics:
         with self._lock:
             self.rejected[status] = self.rejected.get(status, 0) + 1
 
+    def counts(self) -> dict:
+        """peak_cache_tokens, steps, per_culture ({name: {requests, tokens}}), finished, failures and first_tokens
+        (requests that got a first token), read at one moment."""
+        with self._lock:
+            return {"peak_cache_tokens": self.peak_cache_tokens, "steps": self.steps,
+                    "per_culture": {c: {"requests": self.requests[c], "tokens": self.tokens[c]} for c in self.requests},
+                    "finished": dict(self.finished), "failures": dict(self.failures), "first_tokens": self.ttft.count}
+
     def render(self, gauges: dict) -> str:
         with self._lock:
             lines = ["# HELP moa_requests_total Requests that started generating, by the culture that ran them.",

@@ -15,10 +15,10 @@ frequency penalties, logit_bias, stream with `stream_options.include_usage`, use
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from moa.data import format_prompt
-from moa.infer.sampling import MAX_LOGPROBS, SamplingError, SamplingParams
+from moa.infer.sampling import MAX_LOGPROBS, SamplingError, SamplingParams, short
 
 SPECIAL_MODELS = ("auto", "base")
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to the rest of the context
@@ -46,12 +46,6 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
 
 
-def short(value, limit: int = 60) -> str:
-    """repr(value) cut to `limit` characters, so an error never echoes a long value whole."""
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
-
-
 @dataclass
 class Prompt:
     ids: list[int]
@@ -76,7 +70,7 @@ class ParsedRequest:
         p = self.params
         if p.seed is None or choice == 0:
             return p
-        return SamplingParams(**{**p.__dict__, "seed": p.seed + choice})
+        return replace(p, seed=p.seed + choice)
 
 
 def _field(body: dict, name: str, kinds, expected: str, default=None):
