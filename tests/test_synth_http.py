@@ -3,10 +3,11 @@ client) and SearXNG search (through moa's small HTTP client)."""
 import asyncio
 import email.utils
 import json
+import threading
 import time
 
 import pytest
-from synth_helpers import Server, chat
+from synth_helpers import Server, chat, samples_for
 
 from moa.errors import UsageError
 from moa.synth import pipeline
@@ -201,3 +202,30 @@ def test_run_stops_after_consecutive_backend_failures(serve, tmp_path):
     with pytest.raises(UsageError, match="stopping after 3 failed LLM calls in a row.*HTTP 500"):
         pipeline.run(cfg, progress=False)
     assert len(server.seen) == 3 and not list(tmp_path.glob("*.jsonl"))
+
+
+def test_web_searches_run_off_the_event_loop(serve, tmp_path):
+    """The two jobs' first searches wait at a barrier until both have arrived: a search that held up
+    the event loop would keep the other job's from being sent (the barrier breaks: HTTP 500)."""
+    meeting, searches = threading.Barrier(2, timeout=10), []
+
+    def route(record):
+        if not record["path"].startswith("/search"):
+            return chat(samples_for(record["body"]["messages"]))
+        searches.append(record["path"])
+        if len(searches) <= 2:
+            try:
+                meeting.wait()
+            except threading.BrokenBarrierError:
+                return {"status": 500, "payload": {"error": "the other search never came"}}
+        return {"payload": {"results": [{"url": f"https://japan.example/{len(searches)}", "title": "Japan",
+                                         "content": "Customs of Japan."}]}}
+
+    server = serve([route])
+    cfg = load_config(None, output_dir=str(tmp_path), cultures=["japan"], tasks=["yesno"], samples_per_task=2,
+                      stage1_samples=2, samples_per_call=2, max_rounds=2,
+                      retrieval={"backend": "searxng", "base_url": server.url, "max_retries": 0},
+                      llm={"backend": "openai", "model": "m", "base_url": server.url + "/v1", "max_retries": 0})
+    summary = pipeline.run(cfg, progress=False)
+    assert summary["counts"] == {"japan": {"stage1": 2, "yesno": 2}}
+    assert len(searches) == len(set(searches))  # a query is searched once, whatever the rounds

@@ -151,8 +151,8 @@ class OpenAIBackend(Backend):
         import openai
         url = f"{self.base_url}/chat/completions"
         await self.limiter.acquire(estimated_tokens(request.messages, self.max_tokens))
-        try:
-            completion = await self.client().chat.completions.create(**self.body(request))
+        try:  # the body as JSON and the reply as a dict: the typed create() costs ~1 ms of CPU a call
+            completion = await self.client().post("/chat/completions", body=self.body(request), cast_to=object)
         except openai.APIStatusError as e:
             raise BackendError(f"POST {url} failed with HTTP {e.status_code}: {str(e.message)[:200]}") from None
         except openai.APITimeoutError:
@@ -166,9 +166,7 @@ class OpenAIBackend(Backend):
 
     @staticmethod
     def parse_completion(completion, url: str) -> Reply:
-        """The Reply in a chat completion (an object of the openai client or its JSON as a dict)."""
-        if hasattr(completion, "model_dump"):
-            completion = completion.model_dump()
+        """The Reply in a chat completion's JSON (a dict; anything else is a malformed reply)."""
         try:
             content = completion["choices"][0]["message"]["content"]
         except (KeyError, IndexError, TypeError):
@@ -176,7 +174,7 @@ class OpenAIBackend(Backend):
                                f"got {str(completion)[:200]}") from None
         if not isinstance(content, str):
             raise BackendError(f"malformed reply from {url}: message content is {type(content).__name__}, not text")
-        usage = completion.get("usage") or {}
+        usage = completion.get("usage") if isinstance(completion.get("usage"), dict) else {}
         return Reply(content, usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0)
 
     def identity(self) -> dict:

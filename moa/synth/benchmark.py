@@ -12,7 +12,6 @@ plus unspaced Chinese and Japanese runs.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import resource
 import subprocess
@@ -20,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -116,54 +116,92 @@ def bench_scripts(corpus: Path, queries: Path) -> list[dict]:
 
 
 class _SlowChat(BaseHTTPRequestHandler):
-    """A chat completions server taking `latency` seconds a call; each reply is one valid yes/no sample."""
+    """A chat completions server taking `latency` seconds a call; each reply is one valid yes/no sample,
+    told apart by the request's number (so every call gives a row). GET /count: the calls answered."""
+    protocol_version = "HTTP/1.1"  # keep-alive, as API servers do
     latency = 0.2
+    answered = 0
+    lock = threading.Lock()
 
     def log_message(self, *args):
         pass
 
-    def do_POST(self):
-        body = self.rfile.read(int(self.headers["Content-Length"]))
-        time.sleep(self.latency)
-        tag = hashlib.sha256(body).hexdigest()[:16]
-        sample = {"prompt": f"Someone does thing {tag}. Is this appropriate by local custom? Answer yes or no.",
-                  "response": "yes"}
-        content = json.dumps({"samples": [sample]})
-        data = json.dumps({"id": "c", "object": "chat.completion", "created": 0, "model": "m",
-                           "choices": [{"index": 0, "finish_reason": "stop",
-                                        "message": {"role": "assistant", "content": content}}],
-                           "usage": {"prompt_tokens": len(body) // 4, "completion_tokens": 30, "total_tokens": 0}}).encode()
+    def _send(self, data: bytes) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
 
+    def do_GET(self):
+        self._send(json.dumps({"calls": _SlowChat.answered}).encode())
 
-def bench_calls(calls: int, latency: float, concurrencies) -> list[dict]:
-    """Wall time of a synthesis run of `calls` LLM calls against a loopback server taking `latency` s a call."""
-    from moa.data import CULTURES
-    from moa.synth import pipeline
-    from moa.synth.config import load_config
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        time.sleep(self.latency)
+        with _SlowChat.lock:
+            _SlowChat.answered += 1
+            number = _SlowChat.answered
+        sample = {"prompt": f"Someone does thing number {number}. Is this appropriate by local custom? Answer yes or no.",
+                  "response": "yes"}
+        content = json.dumps({"samples": [sample]})
+        self._send(json.dumps({"id": "c", "object": "chat.completion", "created": 0, "model": "m",
+                               "choices": [{"index": 0, "finish_reason": "stop",
+                                            "message": {"role": "assistant", "content": content}}],
+                               "usage": {"prompt_tokens": len(body) // 4, "completion_tokens": 30,
+                                         "total_tokens": 0}}).encode())
+
+
+def serve_slow_chat(latency: float) -> None:
+    """Serve _SlowChat on a free loopback port (printed on stdout) until killed."""
     _SlowChat.latency = latency
     server = ThreadingHTTPServer(("127.0.0.1", 0), _SlowChat)
     server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    print(server.server_address[1], flush=True)
+    server.serve_forever()
+
+
+def _answered(url: str) -> int:
+    with urllib.request.urlopen(url + "/count", timeout=10) as reply:
+        return json.load(reply)["calls"]
+
+
+def bench_calls(calls: int, latency: float, concurrencies) -> list[dict]:
+    """Wall time of a synthesis run of `calls` LLM calls (one yes/no row each, spread over the ten
+    cultures) against a loopback server in its own process taking `latency` s a call."""
+    from moa.data import CULTURES
+    from moa.synth import pipeline
+    from moa.synth.config import load_config
+    if calls % len(CULTURES):
+        raise SystemExit(f"--calls must be a multiple of {len(CULTURES)} (one job per culture), got {calls}")
+    server = subprocess.Popen([sys.executable, "-m", "moa.synth.benchmark", "_serve", str(latency)],
+                              stdout=subprocess.PIPE, text=True)
     out = []
-    for concurrency in concurrencies:
-        with tempfile.TemporaryDirectory() as tmp:
-            cfg = load_config(None, output_dir=tmp, cultures=list(CULTURES), tasks=["yesno"], stage1_samples=0,
-                              samples_per_task=calls // len(CULTURES), samples_per_call=1, plot=False,
-                              llm={"backend": "openai", "model": "m", "base_url": url, "concurrency": concurrency})
-            start = time.perf_counter()
-            summary = pipeline.run(cfg, progress=False)
-            wall = time.perf_counter() - start
-        out.append({"concurrency": concurrency, "calls": summary["llm_calls"], "latency_s": latency,
-                    "wall_s": round(wall, 1), "calls_per_s": round(summary["llm_calls"] / wall, 1)})
-        print(_table([out[-1]]).splitlines()[-1], flush=True)
-    server.shutdown()
-    out[-1]["speedup_vs_first"] = round(out[0]["wall_s"] / out[-1]["wall_s"], 1)
+    try:
+        url = f"http://127.0.0.1:{server.stdout.readline().strip()}"
+        for concurrency in concurrencies:
+            with tempfile.TemporaryDirectory() as tmp:
+                cfg = load_config(None, output_dir=tmp, cultures=list(CULTURES), tasks=["yesno"], stage1_samples=0,
+                                  samples_per_task=calls // len(CULTURES), samples_per_call=1, plot=False,
+                                  llm={"backend": "openai", "model": "m", "base_url": url + "/v1",
+                                       "concurrency": concurrency})
+                before = _answered(url)
+                start, cpu = time.perf_counter(), time.process_time()
+                summary = pipeline.run(cfg, progress=False)
+                wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+                made = _answered(url) - before
+            if made != calls or summary["llm_calls"] != calls:
+                raise SystemExit(f"expected {calls} calls, the server answered {made} and the run counted "
+                                 f"{summary['llm_calls']}")
+            out.append({"concurrency": concurrency, "calls": made, "latency_s": latency, "wall_s": round(wall, 1),
+                        "calls_per_s": round(made / wall, 1),
+                        "cpu_ms_per_call": round(1000 * cpu / made, 1)})
+            print(_table([out[-1]]).splitlines()[-1], flush=True)
+    finally:
+        server.kill()
+        server.wait()
+    for row in out:
+        row["speedup"] = round(out[0]["wall_s"] / row["wall_s"], 1)
     return out
 
 
@@ -178,6 +216,9 @@ def _table(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     if argv is None and sys.argv[1:2] == ["_retrieval_one"]:
         print(json.dumps(retrieval_one(int(sys.argv[2]), sys.argv[3])))
+        return 0
+    if argv is None and sys.argv[1:2] == ["_serve"]:
+        serve_slow_chat(float(sys.argv[2]))
         return 0
     parser = argparse.ArgumentParser(prog="python -m moa.synth.benchmark", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -12,6 +12,7 @@ import http.client
 import json
 import random
 import socket
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -38,14 +39,17 @@ class HttpClient:
         self.min_interval = 60.0 / requests_per_minute if requests_per_minute else 0.0
         self.sleep = sleep
         self._last_start = None
+        self._lock = threading.Lock()  # the pipeline searches from several threads at once
         self.attempts = 0  # total HTTP attempts made, retries included
 
     def _wait_for_rate_limit(self) -> None:
-        if self._last_start is not None and self.min_interval:
-            wait = self._last_start + self.min_interval - time.monotonic()
-            if wait > 0:
-                self.sleep(wait)
-        self._last_start = time.monotonic()
+        with self._lock:  # one thread waits its turn at a time, so the requests stay spaced
+            if self._last_start is not None and self.min_interval:
+                wait = self._last_start + self.min_interval - time.monotonic()
+                if wait > 0:
+                    self.sleep(wait)
+            self._last_start = time.monotonic()
+            self.attempts += 1
 
     def _delay(self, attempt: int, retry_after: str | None) -> float:
         """Retry-After when the server gives one, else exponential backoff less up to a quarter (jitter)."""
@@ -66,7 +70,6 @@ class HttpClient:
         last = "no attempt made"
         for attempt in range(self.max_retries + 1):
             self._wait_for_rate_limit()
-            self.attempts += 1
             request = urllib.request.Request(url, data=data, headers=all_headers, method=method)
             retry_after, status = None, None
             try:

@@ -93,6 +93,7 @@ class Caller:
     def __init__(self, backend: Backend, cache: CallCache | None, max_consecutive_errors: int, prices=(None, None)):
         self.backend, self.cache = backend, cache
         self.max_errors, self.errors_in_a_row = max_consecutive_errors, 0
+        self.stopped = None  # the error that stops the run, once too many calls failed in a row
         self.slots = asyncio.Semaphore(backend.concurrency)
         self.defer, self.failed = None, {}
         self.calls = self.in_flight = self.prompt_tokens = self.completion_tokens = 0
@@ -115,8 +116,9 @@ class Caller:
     def _failure(self, e: BackendError) -> None:
         self.errors_in_a_row += 1
         if self.errors_in_a_row >= self.max_errors:
-            raise UsageError(f"stopping after {self.errors_in_a_row} failed LLM calls in a row "
-                             f"(finished jobs are kept; rerun to resume). Last error: {e}") from None
+            self.stopped = UsageError(f"stopping after {self.errors_in_a_row} failed LLM calls in a row "
+                                      f"(finished jobs are kept; rerun to resume). Last error: {e}")
+            raise self.stopped from None
         raise e
 
     async def __call__(self, request: SynthRequest) -> str:
@@ -131,6 +133,8 @@ class Caller:
             self.defer[key] = request
             raise Deferred(key)
         async with self.slots:
+            if self.stopped is not None:  # no call waiting for a slot is made after the stop
+                raise self.stopped
             self.in_flight += 1
             self.on_change()
             try:
@@ -147,20 +151,26 @@ class Caller:
         return reply.text
 
 
-def _requests(job: Job, spec, cfg: SynthConfig, retriever: Retriever):
-    """The job's (query, passages, request) in order, round after round; request is None without passages."""
+async def _requests(job: Job, spec, cfg: SynthConfig, retriever: Retriever):
+    """The job's (query, passages, request) in order, round after round; request is None without passages.
+
+    Retrieval runs in a thread, so a web search waiting on the network never holds up the event loop."""
     culture = norms.cultures()[job.culture]
     queries = make_queries(culture, spec if job.stage == 2 else None, cfg.broad_queries,
                            languages=cfg.query_languages, native=cfg.native_queries)
+    found = {}  # query text -> (passages, messages): retrieved and written once, asked again each round
     for round_ in range(cfg.max_rounds):
         for query in queries:
-            passages = retriever.search(query.text, job.culture, cfg.retrieval.top_k)
+            if query.text not in found:
+                passages = await asyncio.to_thread(retriever.search, query.text, job.culture, cfg.retrieval.top_k)
+                messages = build_messages(spec, culture, passages, cfg.samples_per_call, job.stage) if passages else None
+                found[query.text] = passages, messages
+            passages, messages = found[query.text]
             if not passages:
                 yield query, passages, None
                 continue
             request = SynthRequest(job.culture, job.task, job.stage, cfg.samples_per_call, query.text, passages,
-                                   round=round_, seed=cfg.seed)
-            request.messages = build_messages(spec, culture, passages, cfg.samples_per_call, job.stage)
+                                   round=round_, seed=cfg.seed, messages=messages)
             yield query, passages, request
 
 
@@ -177,10 +187,10 @@ async def run_job(job: Job, spec, cfg: SynthConfig, retriever: Retriever, caller
     window, rows, rejects, surplus = deque(), [], Counter(), 0
     deferred = False
 
-    def fill():
+    async def fill():
         needed = -(-(job.target - len(rows)) // cfg.samples_per_call)
         while sum(task is not None for _, _, task in window) < needed:
-            item = next(items, None)
+            item = await anext(items, None)
             if item is None:
                 return
             query, passages, request = item
@@ -188,7 +198,7 @@ async def run_job(job: Job, spec, cfg: SynthConfig, retriever: Retriever, caller
 
     try:
         while len(rows) < job.target:
-            fill()
+            await fill()
             if not window:
                 break
             query, passages, task = window.popleft()
@@ -221,6 +231,7 @@ async def run_job(job: Job, spec, cfg: SynthConfig, retriever: Retriever, caller
             for task in tasks:
                 task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await items.aclose()
     if deferred:
         return None
     return {"rows": rows, "rejects": dict(rejects), "surplus": surplus}
