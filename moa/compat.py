@@ -1,8 +1,8 @@
 """Every transformers internal moa relies on, in one place.
 
 moa reaches past transformers' public API in a few spots: the keyword that carries the KV cache
-into decoder layers (and names it in model outputs), the cache object the router keeps its
-running sums on, the per-layer key and value tensors the serving engine copies into its own buffers (and the cache layer that reads them there), the attention mask a forward receives, the list of decoder layers, and how
+into decoder layers (and names it in model outputs), the cache object the router's running sums
+go with (how many past tokens it holds), the per-layer key and value tensors the serving engine copies into its own buffers (and the cache layer that reads them there), the attention mask a forward receives, the list of decoder layers, and how
 activation checkpointing is switched on. Each is read here and nowhere else, so a rename upstream
 is a change to this file. Where an internal is not what moa expects, `CompatError` says what was
 expected and which transformers version was found; nothing falls back silently.

@@ -30,9 +30,9 @@ class MoACausalLMOutput(ModelOutput):
 class MoADecoderLayer(nn.Module):
     """A decoder layer behind its culture gate: route the tokens, then run the layer with that plan.
 
-    Every layer's gate reads the input of the first decoder layer (the token embeddings), not its
-    own input: below layer l the adapters already chosen have written their culture into the
-    residual stream, and a gate reading it would learn to follow them (under gold routing in
+    Every layer's gate reads the routing step's input (the token embeddings, the decoder stack's
+    input), not its own input: below layer l the adapters already chosen have written their culture
+    into the residual stream, and a gate reading it would learn to follow them (under gold routing in
     training it reads the answer) instead of the text's cues.
     """
 
@@ -47,13 +47,10 @@ class MoADecoderLayer(nn.Module):
         if call is None:
             return self.layer(hidden_states, *args, **kwargs)
         batch, seq = hidden_states.shape[:2]
-        if call.mode == "oracle" and not call.collect_logits:  # the gate is not needed: skip it
+        if not call.gates_run:
             plan, weights = call.oracle_plan(batch, seq, hidden_states.device), None
         else:
-            mask = call.attention_mask[:, -seq:] if call.attention_mask is not None else None
-            if self.router.layer_index == 0:
-                call.router_input = hidden_states
-            logits = self.router(call.router_input, mask, compat.layer_cache(kwargs))
+            logits = call.gate(self.router, compat.layer_cache(kwargs))
             if call.collect_logits:
                 call.router_logits.append(logits)
             plan, weights = call.route(logits)
@@ -135,13 +132,18 @@ class MoAForCausalLM(nn.Module):
                                    if isinstance(m, MoALinear) or isinstance(m, nn.Linear) or "Linear" in type(m).__name__})
             raise ValueError(f"target_modules {missing} match no linear layer in {type(base_model).__name__}'s decoder "
                              f"layers; linear layers there: {linear_names}")
-        base_model.register_forward_pre_hook(model._capture_attention_mask, with_kwargs=True)
+        base_model.register_forward_pre_hook(model._begin_routing_step, with_kwargs=True)
         return model
 
-    def _capture_attention_mask(self, module, args, kwargs):
+    def _begin_routing_step(self, module, args, kwargs):
+        """Every forward of the base model is one routing step (transformers' `generate` runs one per new
+        token): the routing call in progress, if any, begins it with that forward's token embeddings and mask."""
         call = current_call(self.routing_key)
-        if call is not None:
-            call.attention_mask = compat.forward_attention_mask(kwargs)
+        if call is None or not call.gates_run:
+            return
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds") if input_ids is None else self.base_model.get_input_embeddings()(input_ids)
+        call.begin_step(embeds, compat.forward_attention_mask(kwargs))
 
     # ------------------------------------------------------------------ routing inputs
     @property
@@ -241,7 +243,7 @@ class MoAForCausalLM(nn.Module):
         routing a prompt costs no forward pass through the decoder layers.
         """
         hidden = self.base_model.get_input_embeddings()(input_ids)
-        return torch.stack([router(hidden, attention_mask).float().softmax(-1) for router in self.routers]).mean(0)
+        return torch.stack([router(hidden, attention_mask)[0].float().softmax(-1) for router in self.routers]).mean(0)
 
     @torch.no_grad()
     def route_sequences(self, input_ids, attention_mask=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,16 +1,20 @@
 """Token-level culture routing: the per-layer gate and the per-call routing state.
 
 A forward call of `MoAForCausalLM` opens a `RoutingCall` and makes it current in a
-`contextvars.ContextVar` for the duration of the call. Decoder layers read it, let their gate
-decide, and publish the resulting `AdapterPlan` on the call for the projections inside them.
-The state lives on the call object, tagged with the owning model: two models, or two threads,
-never see each other's routing.
+`contextvars.ContextVar` for the duration of the call. Every forward of the base model (one per
+new token under `generate`) begins a `RoutingStep` on the call with what the gates read: the token
+embeddings and the padding mask of the new tokens. Decoder layers ask the call for their gate's
+logits (`RoutingCall.gate`), which reads the step and the gate's running sums over the tokens
+before it (`RouterSums`, kept in the `RouterState` that goes with the KV cache), and publish the
+resulting `AdapterPlan` on the call for the projections inside them. The state lives on the call
+object, tagged with the owning model: two models, or two threads, never see each other's routing.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import threading
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -54,6 +58,49 @@ class PlanCache:
         self.__init__(state["size"])
 
 
+@dataclass
+class RouterSums:
+    """One layer's gate over the tokens so far (see `TokenRouter`): what decoding the next token needs."""
+
+    total: torch.Tensor  # [B, dim]: sum of the features weighted by exp(score)
+    weight: torch.Tensor  # [B]: sum of the weights
+    taps: torch.Tensor  # [B, window-1, window, dim]: the window projections of the last window-1 tokens
+
+    def detach(self) -> "RouterSums":
+        return RouterSums(self.total.detach(), self.weight.detach(), self.taps.detach())
+
+
+@dataclass
+class RouterState:
+    """The gates' running sums over the tokens a KV cache holds, by decoder layer index. One per cache
+    (`router_state`): it lives and dies with the cache, and a decode step continues it."""
+
+    layers: dict[int, RouterSums] = field(default_factory=dict)
+
+
+_STATES: "weakref.WeakKeyDictionary[object, RouterState]" = weakref.WeakKeyDictionary()
+_STATES_LOCK = threading.Lock()
+
+
+def router_state(cache) -> RouterState | None:
+    """The `RouterState` that goes with a transformers KV cache (created empty on first use; None without a cache)."""
+    if cache is None:
+        return None
+    with _STATES_LOCK:
+        state = _STATES.get(cache)
+        if state is None:
+            state = _STATES[cache] = RouterState()
+    return state
+
+
+@dataclass
+class RoutingStep:
+    """What the gates read in one forward of the base model."""
+
+    router_input: torch.Tensor  # [B, S, d]: the token embeddings of the new tokens (the decoder stack's input)
+    mask: torch.Tensor | None  # [B, S]: their padding mask (None: every token attends)
+
+
 @dataclass(eq=False)
 class RoutingCall:
     """Routing for one forward (or one `generate`) call of one model."""
@@ -64,16 +111,43 @@ class RoutingCall:
     culture_ids: torch.Tensor | None = None  # [B] long, -1 = base model
     culture_key: tuple | None = None  # culture_ids as a tuple of ints (derived when not given)
     top_k: int = 1
-    attention_mask: torch.Tensor | None = None  # [B, S_total] of the current step, captured per base forward
     collect_logits: bool = True
     router_logits: list = field(default_factory=list)  # per layer [B, S, K]
     active: tuple | None = None  # (plan, weights) of the decoder layer running now
-    router_input: torch.Tensor | None = None  # hidden states entering the first decoder layer, this step
+    step: RoutingStep | None = None  # the base model's forward in progress
     oracle_plans: PlanCache = field(default_factory=PlanCache)  # the model passes the one its calls share
 
     def __post_init__(self):
         if self.culture_ids is not None and self.culture_key is None:
             self.culture_key = tuple(self.culture_ids.tolist())
+
+    @property
+    def gates_run(self) -> bool:
+        """Whether the gates run: not in oracle mode when no gate logits are wanted (the plan is the given cultures)."""
+        return self.mode != "oracle" or self.collect_logits
+
+    def begin_step(self, router_input: torch.Tensor, attention_mask: torch.Tensor | None):
+        """Begin one forward of the base model: the gates read `router_input` [B, S, d] (the new tokens'
+        embeddings) under the last S columns of `attention_mask` [B, S_total] (past and new tokens)."""
+        seq = router_input.shape[1]
+        self.step = RoutingStep(router_input, None if attention_mask is None else attention_mask[:, -seq:])
+
+    def gate(self, router: "TokenRouter", cache) -> torch.Tensor:
+        """The logits [B, S, K] of one layer's gate for this step, continuing its running sums over the
+        tokens `cache` (the layer's KV cache, None when caching is off) holds, and keeping the new sums there."""
+        if self.step is None:
+            raise RuntimeError("a decoder layer ran before its model's forward began a routing step")
+        state = router_state(cache)
+        past = None
+        if cached_length(cache, router.layer_index) > 0:
+            past = state.layers.get(router.layer_index)
+            if past is None:
+                raise RuntimeError(f"the KV cache holds past tokens for layer {router.layer_index} but no router state: "
+                                   f"pass the cache produced by this MoA model")
+        logits, sums = router(self.step.router_input, self.step.mask, past)
+        if state is not None:
+            state.layers[router.layer_index] = sums.detach()
+        return logits
 
     def oracle_plan(self, batch: int, seq: int, device) -> AdapterPlan:
         """Every token takes its row's culture; built once per culture ids and shape and shared by all
@@ -158,8 +232,9 @@ class TokenRouter(nn.Module):
     score_s = C·tanh(sqrt(dim)·u·f_s / C), so the pool settles on the tokens that name a culture
     instead of averaging them away. The linear gate reads the RMS-normalised pool. `score` starts at
     zero (a plain prefix mean). Scores are bounded by C, so the weighted sums need no running
-    maximum. Under a KV cache the sums and the window's last projections are kept on the cache
-    object: decoding one token at a time gives the same logits as a full forward.
+    maximum. `forward` returns the sums and the window's last projections after its tokens
+    (`RouterSums`) and continues them in the next call: decoding one token at a time gives the same
+    logits as a full forward.
     """
 
     SCORE_BOUND = 10.0
@@ -197,35 +272,18 @@ class TokenRouter(nn.Module):
         score = c * torch.tanh(F.linear(f, self.score.weight.float()).squeeze(-1) * self.score_scale / c)
         return torch.exp(score - c)
 
-    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None, cache=None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor | None,
+                past: RouterSums | None = None) -> tuple[torch.Tensor, RouterSums]:
+        """(logits [B, S, K], the sums after these tokens) for hidden states [B, S, d] under `mask` [B, S],
+        continuing `past` (the sums over the tokens before them; None at the start)."""
         m = torch.ones(hidden.shape[:2], device=hidden.device) if mask is None else mask.to(hidden.device, torch.float32)
         h = F.rms_norm(hidden.float(), hidden.shape[-1:]) * m[..., None]
-        store = _router_store(cache)
-        past = None
-        if cached_length(cache, self.layer_index) > 0:
-            if self.layer_index not in store:
-                raise RuntimeError(f"the KV cache holds past tokens for layer {self.layer_index} but no router state: "
-                                   f"pass the cache produced by this MoA model")
-            past = store[self.layer_index]
-        f, tail = self.features(h, None if past is None else past[2])
+        f, tail = self.features(h, None if past is None else past.taps)
         w = self.pool_weights(f) * m
         total = torch.cumsum(f * w[..., None], dim=1)
         weight = torch.cumsum(w, dim=1)
         if past is not None:
-            total, weight = total + past[0][:, None], weight + past[1][:, None]
-        if store is not None:
-            store[self.layer_index] = (total[:, -1].detach(), weight[:, -1].detach(), tail.detach())
+            total, weight = total + past.total[:, None], weight + past.weight[:, None]
         pooled = total / weight.clamp(min=torch.finfo(torch.float32).tiny)[..., None]
-        return self.gate(F.rms_norm(pooled, pooled.shape[-1:]).to(self.gate.weight.dtype))
-
-
-def _router_store(cache) -> dict | None:
-    """Per-layer running sums for the router, kept on the KV cache object they belong to (a
-    transformers Cache, checked by `moa.compat.layer_cache`)."""
-    if cache is None:
-        return None
-    store = getattr(cache, "_moa_router_state", None)
-    if store is None:
-        store = {}
-        cache._moa_router_state = store
-    return store
+        logits = self.gate(F.rms_norm(pooled, pooled.shape[-1:]).to(self.gate.weight.dtype))
+        return logits, RouterSums(total[:, -1], weight[:, -1], tail)

@@ -138,7 +138,7 @@ def test_families_generate_with_cache(family):
     mask = torch.ones_like(ids)
     mask[0, :3] = 0  # a left-padded row
     gate_steps = [[] for _ in model.routers]
-    hooks = [router.register_forward_hook(lambda module, args, out, i=i: gate_steps[i].append(out))
+    hooks = [router.register_forward_hook(lambda module, args, out, i=i: gate_steps[i].append(out[0]))
              for i, router in enumerate(model.routers)]
     try:
         for routing in ("oracle", "router", "topk"):
@@ -173,6 +173,39 @@ def test_families_generate_with_cache(family):
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def test_router_state_goes_with_its_cache(base):
+    """Forward calls that pass a KV cache on continue the gates' running sums kept for that cache, one
+    typed state per cache, gone with it; two caches never mix."""
+    import gc
+    import weakref
+
+    from moa import compat, routing
+    from moa.routing import RouterSums, router_state
+
+    model = moa_model(copy.deepcopy(base)).eval()
+    randomize_adapters(model, std=0.2)
+    ids, other = tokens(2, 9, seed=1), tokens(2, 9, seed=2)
+    with torch.no_grad():
+        want = model(input_ids=ids, routing="router", use_cache=False).router_logits
+        first = model(input_ids=ids[:, :6], routing="router", use_cache=True)
+        model(input_ids=other[:, :6], routing="router", use_cache=True)  # a second cache alongside
+        state = router_state(first.cache)
+        assert sorted(state.layers) == list(range(len(model.routers)))
+        assert all(isinstance(sums, RouterSums) and sums.total.shape == (2, model.config.router_dim)
+                   for sums in state.layers.values())
+        cache, got = first.cache, [list(first.router_logits)]
+        for position in range(6, 9):
+            step = model(input_ids=ids[:, position:position + 1], routing="router", use_cache=True, **compat.cache_kwargs(cache))
+            got.append(list(step.router_logits))
+        for layer in range(len(model.routers)):
+            torch.testing.assert_close(torch.cat([g[layer] for g in got], 1), want[layer], atol=1e-5, rtol=1e-5)
+    gc.collect()
+    held, cache_ref = len(routing._STATES), weakref.ref(cache)
+    del first, step, cache, state
+    gc.collect()
+    assert cache_ref() is None and len(routing._STATES) == held - 1  # the state does not keep its cache alive
 
 
 def test_router_logits_and_losses(base):
