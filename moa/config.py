@@ -30,6 +30,9 @@ def reserved_culture_problem(name: str) -> str | None:
             f"model ids of `moa serve` and 'base' is the base model's name in the vLLM export; rename the culture")
 
 
+ALL_LINEAR = "all-linear"  # target_modules value: every linear layer of the decoder layers, as PEFT defines it
+
+
 @dataclass
 class MoAConfig:
     cultures: list[str] = field(metadata={"help": "Culture names; culture id i is cultures[i]. Unique, non-empty, "
@@ -38,7 +41,9 @@ class MoAConfig:
     alpha: float = field(default=32.0, metadata={"help": "LoRA alpha; scaling is alpha / r (alpha / sqrt(r) with rslora)."})
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        metadata={"help": "Linear layers to adapt, matched against the last component of module names (or a full dotted suffix)."},
+        metadata={"help": "Linear layers to adapt, matched against the last component of module names (or a full dotted suffix); "
+                          "'all-linear' (as in PEFT): every linear layer of the decoder layers, resolved to their names "
+                          "when the model is built."},
     )
     dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input during training."})
     rslora: bool = field(default=False, metadata={"help": "Rank-stabilised scaling alpha / sqrt(r)."})
@@ -76,6 +81,9 @@ class MoAConfig:
         self.target_modules = list(self.target_modules)
         if not self.target_modules or not all(isinstance(t, str) and t for t in self.target_modules):
             raise UsageError(f"target_modules must be a non-empty list of module names, got {self.target_modules!r}")
+        if ALL_LINEAR in self.target_modules and len(self.target_modules) > 1:
+            raise UsageError(f"target_modules {self.target_modules!r}: {ALL_LINEAR!r} stands alone (every linear layer), "
+                             f"not beside module names")
         if not 0.0 <= self.dropout < 1.0:
             raise UsageError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.router_loss_weight < 0:
@@ -135,11 +143,16 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 @dataclass
 class BaseModelConfig:
-    path: str | None = field(default=None, metadata={"help": "Local transformers model directory (config.json + safetensors)."})
+    path: str | None = field(default=None, metadata={"help": "Local transformers model directory (config.json + safetensors) or "
+                                                              "Hugging Face Hub id (org/name), found through the Hub cache "
+                                                              "(HF_HOME, HF_HUB_CACHE; HF_HUB_OFFLINE=1: the cache only)."})
+    revision: str | None = field(default=None, metadata={"help": "With a Hub id: the branch, tag or commit to load (default: "
+                                                                  "main); a trained run records the commit it resolved to."})
     tiny: dict | None = field(default=None, metadata={"help": "Instead of a path: keyword arguments of moa.tiny.tiny_config "
                                                               "(family, hidden_size, ...) for a randomly initialised tiny model."})
     tokenizer: str | None = field(default=None, metadata={"help": "'byte' (ByT5 byte tokenizer, no files) or a local tokenizer "
-                                                                  "directory; default: the model path, or 'byte' for a tiny model."})
+                                                                  "directory or Hub id; default: the model path (at its revision), "
+                                                                  "or 'byte' for a tiny model."})
     quantization: str | None = field(default=None, metadata={"help": "None, 'nf4' or 'fp4' (bitsandbytes 4-bit, QLoRA) or 'int8'."})
     dtype: str = field(default="float32", metadata={"help": "Compute dtype: float32, bfloat16 or float16 (also the 4-bit quant storage)."})
     seed: int = field(default=0, metadata={"help": "Initialisation seed of a tiny model."})
@@ -147,8 +160,10 @@ class BaseModelConfig:
 
     def __post_init__(self):
         if (self.path is None) == (self.tiny is None):
-            raise UsageError(f"model: give exactly one of 'path' (a local model directory) or 'tiny' (a tiny config), "
-                             f"got path={self.path!r}, tiny={self.tiny!r}")
+            raise UsageError(f"model: give exactly one of 'path' (a local model directory or Hub id) or 'tiny' (a tiny "
+                             f"config), got path={self.path!r}, tiny={self.tiny!r}")
+        if self.revision is not None and self.path is None:
+            raise UsageError(f"model.revision {self.revision!r} applies to a Hub id in model.path, but the model is tiny")
         if self.tiny is not None and not isinstance(self.tiny, dict):
             raise UsageError(f"model.tiny must be a mapping of tiny_config arguments, got {self.tiny!r}")
         if self.quantization not in QUANTIZATIONS:

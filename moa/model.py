@@ -1,6 +1,7 @@
 """`MoAForCausalLM`: every culture's LoRA inside one transformers causal LM, behind a token-level router."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from transformers.utils import ModelOutput
 
 from moa import compat, peft_io, saved_run
 from moa.bnb import dispatch_bnb_4bit, dispatch_bnb_8bit
-from moa.config import ROUTING_MODES, BaseModelConfig, MoAConfig
+from moa.config import ALL_LINEAR, ROUTING_MODES, BaseModelConfig, MoAConfig
 from moa.errors import UsageError
 from moa.layers import MoALinear, dispatch_default
 from moa.routing import PlanCache, RoutingCall, TokenRouter, current_call, replay_routing_context, routing_call
@@ -80,6 +81,13 @@ def _matches(name: str, targets: list[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def _linear_names(layer: nn.Module) -> list[str]:
+    """The names (last components) of the linear layers in a decoder layer: torch Linear and its subclasses
+    (bitsandbytes' Linear4bit and Linear8bitLt), and MoA's wrappers of them."""
+    return sorted({name.rpartition(".")[2] for name, module in layer.named_modules()
+                   if name and isinstance(module, (nn.Linear, MoALinear))})
+
+
 class MoAForCausalLM(nn.Module):
     """A causal LM whose target projections hold K culture LoRAs, selected per token by a learned router.
 
@@ -101,10 +109,12 @@ class MoAForCausalLM(nn.Module):
     def from_base(cls, base_model: nn.Module, config: MoAConfig) -> "MoAForCausalLM":
         if not isinstance(config, MoAConfig):
             raise TypeError(f"config must be a moa.MoAConfig, got {type(config).__name__}")
+        layers, layers_name = compat.decoder_layers(base_model)
+        if config.target_modules == [ALL_LINEAR]:  # as PEFT does: the names it stands for are what the run saves
+            config = dataclasses.replace(config, target_modules=_linear_names(layers[0]))
         model = cls(base_model, config)
         for p in base_model.parameters():
             p.requires_grad_(False)
-        layers, layers_name = compat.decoder_layers(base_model)
         hidden = base_model.config.hidden_size
         generator = torch.Generator().manual_seed(config.seed)
         seen_targets = set()
@@ -128,10 +138,8 @@ class MoAForCausalLM(nn.Module):
             layers[index] = MoADecoderLayer(layer, router, model.routing_key)
         missing = [t for t in config.target_modules if t not in seen_targets]
         if missing:
-            linear_names = sorted({n.rpartition(".")[2] for n, m in layers[0].layer.named_modules()
-                                   if isinstance(m, MoALinear) or isinstance(m, nn.Linear) or "Linear" in type(m).__name__})
             raise ValueError(f"target_modules {missing} match no linear layer in {type(base_model).__name__}'s decoder "
-                             f"layers; linear layers there: {linear_names}")
+                             f"layers; linear layers there: {_linear_names(layers[0].layer)}")
         base_model.register_forward_pre_hook(model._begin_routing_step, with_kwargs=True)
         return model
 

@@ -8,6 +8,7 @@ from helpers import TARGETS, fresh_base, randomize_adapters, write_peft_adapters
 from peft import PeftModel
 
 import moa
+from moa.errors import UsageError
 
 CULTURES = ["japan", "india", "nigeria"]
 
@@ -173,6 +174,24 @@ def test_families_generate_with_cache(family):
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def test_all_linear_targets_every_linear_layer_by_name(base, tmp_path):
+    """`target_modules: all-linear` (PEFT's spelling) adapts every linear layer of the decoder layers and the
+    run records their names: the same model as listing them, and a saved run that reloads."""
+    from moa.config_loader import from_mapping
+
+    config = from_mapping(moa.MoAConfig, {"cultures": CULTURES, "r": 4, "alpha": 8, "target_modules": "all-linear"}, "cfg.yaml")
+    assert config.target_modules == ["all-linear"]
+    model = moa.MoAForCausalLM.from_base(copy.deepcopy(base), config)
+    assert model.config.target_modules == sorted(TARGETS)
+    listed = moa_model(base, target_modules=TARGETS)
+    assert model.adapter_state_dict().keys() == listed.adapter_state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(model.adapter_state_dict().values(), listed.adapter_state_dict().values()))
+    model.save_pretrained(tmp_path / "run")
+    assert moa.MoAForCausalLM.from_pretrained(tmp_path / "run", copy.deepcopy(base)).config.target_modules == sorted(TARGETS)
+    with pytest.raises(UsageError, match="'all-linear' stands alone"):
+        moa.MoAConfig(cultures=CULTURES, target_modules=["all-linear", "q_proj"])
 
 
 def test_router_state_goes_with_its_cache(base):
