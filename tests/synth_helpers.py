@@ -115,9 +115,14 @@ def random_delay(low, high, seed=0):
 
 class BatchAPI:
     """The files and batches endpoints of the OpenAI API, as an action for Server: a batch completes
-    (its replies written by samples_for) once `release` is set and it has been polled twice."""
+    (its replies written by samples_for) once `release` is set and it has been polled twice.
 
-    def __init__(self):
+    A line for which failing(line, batch_id) is true (line: the input line as a dict) fails: every other
+    one goes into the output file with HTTP 500, the rest into the error file (no response, an error
+    object); `failed` holds the custom_ids of the failed lines in order."""
+
+    def __init__(self, failing=lambda line, batch_id: False):
+        self.failing, self.failed = failing, []
         self.files, self.batches, self.polls = {}, {}, {}
         self.release = threading.Event()
         self.release.set()
@@ -133,14 +138,26 @@ class BatchAPI:
         self.polls[batch_id] = self.polls.get(batch_id, 0) + 1
         if batch["status"] != "completed" and self.release.is_set() and self.polls[batch_id] > 2:
             lines = [json.loads(line) for line in self.files[batch["input_file_id"]].decode().splitlines()]
-            out = []
+            out, errors = [], []
             for line in lines:
-                text = samples_for(line["body"]["messages"])
-                out.append({"id": "r", "custom_id": line["custom_id"], "error": None,
-                            "response": {"status_code": 200, "request_id": "q", "body": chat(text, 10, 5)["payload"]}})
-            output = self._file("".join(json.dumps(o) + "\n" for o in out).encode(), "batch_output")
-            batch.update(status="completed", output_file_id=output["id"],
-                         request_counts={"total": len(lines), "completed": len(lines), "failed": 0})
+                key = line["custom_id"]
+                if not self.failing(line, batch_id):
+                    text = samples_for(line["body"]["messages"])
+                    out.append({"id": "r", "custom_id": key, "error": None,
+                                "response": {"status_code": 200, "request_id": "q", "body": chat(text, 10, 5)["payload"]}})
+                    continue
+                self.failed.append(key)
+                if len(errors) % 2:
+                    errors.append({"id": "r", "custom_id": key, "response": None,
+                                   "error": {"code": "server_error", "message": "the line failed"}})
+                else:
+                    errors.append({"id": "r", "custom_id": key, "error": None,
+                                   "response": {"status_code": 500, "request_id": "q",
+                                                "body": {"error": {"message": "internal error"}}}})
+            write = lambda items, purpose: self._file("".join(json.dumps(o) + "\n" for o in items).encode(), purpose)
+            batch.update(status="completed", output_file_id=write(out + errors[::2], "batch_output")["id"],
+                         error_file_id=write(errors[1::2], "batch_output")["id"] if errors[1::2] else None,
+                         request_counts={"total": len(lines), "completed": len(out), "failed": len(errors)})
         return batch
 
     def __call__(self, record) -> dict:

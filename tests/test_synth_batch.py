@@ -1,5 +1,6 @@
 """The Batch API path against the files and batches endpoints on loopback: the same rows as one call
 at a time, and a run killed while its batch is under way picks the batch up again without resubmitting."""
+import hashlib
 import json
 import os
 import signal
@@ -12,7 +13,8 @@ import pytest
 import yaml
 from synth_helpers import BatchAPI, Server, fake_llm
 
-from moa.synth import pipeline
+from moa.errors import UsageError
+from moa.synth import batch, pipeline
 from moa.synth.config import load_config
 
 SMALL = dict(cultures=["japan"], tasks=["yesno"], samples_per_task=30, stage1_samples=6, samples_per_call=4,
@@ -86,4 +88,71 @@ def test_kill_between_submission_and_collection_resumes_the_same_batch(online, t
     created = posts(server, "/v1/batches")
     assert len(files) == len(created)  # the first batch was picked up, never uploaded or submitted again
     assert [b["input_file_id"] for b in api.batches.values()] == [f"file-{2 * i}" for i in range(len(created))]
+    server.close()
+
+
+def batch_keys(api) -> dict:
+    """batch id -> the custom_ids (cache keys) of its input file."""
+    return {b: [json.loads(l)["custom_id"] for l in api.files[batch["input_file_id"]].decode().splitlines()]
+            for b, batch in api.batches.items()}
+
+
+def one_in(n):
+    """A line fails for one request in n, the same ones on every server (keys name the server's port)."""
+    return lambda line: int(hashlib.sha256(line["body"]["messages"][-1]["content"].encode()).hexdigest()[:4], 16) % n == 0
+
+
+def test_failed_lines_go_into_the_next_batch_and_replies_are_never_asked_again(online, tmp_path):
+    api = BatchAPI(failing=lambda line, batch_id: batch_id == "batch-0" and one_in(3)(line))
+    server = Server([api])
+    cfg = load_config(None, output_dir=str(tmp_path), **SMALL, llm=llm(server.url, batch=True, batch_poll_s=0.01,
+                                                                         max_retries=2))
+    summary = pipeline.run(cfg, progress=False)
+    server.close()
+    assert outputs(tmp_path) == online and "backend_error" not in summary["rejects_total"]
+    keys = batch_keys(api)
+    assert api.failed and set(api.failed) <= set(keys["batch-1"])  # retried in the next batch
+    sent = [k for ks in keys.values() for k in ks]
+    assert {k for k in sent if sent.count(k) > 1} == set(api.failed)  # a line that succeeded is never sent again
+
+
+def test_lines_that_keep_failing_become_failed_calls_the_same_way_after_an_interruption(tmp_path, monkeypatch):
+    """Lines failing in every batch are sent 1 + max_retries times, then count as backend errors; a run
+    interrupted between two batches resumes to the same outputs, having sent the same lines."""
+    runs = {}
+    for name in ("whole", "interrupted"):
+        api = BatchAPI(failing=lambda line, batch_id: one_in(4)(line))
+        server = Server([api])
+        cfg = load_config(None, output_dir=str(tmp_path / name), **SMALL,
+                          llm=llm(server.url, batch=True, batch_poll_s=0.01, max_retries=1))
+        if name == "interrupted":
+            real, made = batch.run_batch, []
+
+            def interrupt_at_the_second(*args, **kwargs):
+                made.append(1)
+                if len(made) == 2:
+                    raise KeyboardInterrupt
+                return real(*args, **kwargs)
+            monkeypatch.setattr(batch, "run_batch", interrupt_at_the_second)
+            with pytest.raises(KeyboardInterrupt):
+                pipeline.run(cfg, progress=False)
+            monkeypatch.setattr(batch, "run_batch", real)
+        summary = pipeline.run(cfg, progress=False)
+        server.close()
+        keys = batch_keys(api)
+        sent = [k for ks in keys.values() for k in ks]
+        failed = set(api.failed)
+        assert failed and all(sent.count(k) == 2 for k in failed)
+        assert all(sent.count(k) == 1 for k in set(sent) - failed)
+        assert summary["rejects_total"]["backend_error"] == len(failed)
+        runs[name] = outputs(tmp_path / name), summary["rejects"], [len(k) for k in keys.values()]
+    assert runs["whole"] == runs["interrupted"]
+
+
+def test_a_batch_without_any_reply_stops_the_run(tmp_path):
+    server = Server([BatchAPI(failing=lambda line, batch_id: True)])
+    cfg = load_config(None, output_dir=str(tmp_path), **SMALL, llm=llm(server.url, batch=True, batch_poll_s=0.01))
+    with pytest.raises(UsageError, match="batch batch-0 ended 'completed' with no reply to any of its .* new "
+                                         "requests \\(first error: batch batch-0: request failed with HTTP"):
+        pipeline.run(cfg, progress=False)
     server.close()

@@ -6,6 +6,13 @@ with `defer`). `run_batch` writes them as a batch input file (one chat completio
 into the cache; the next pass reads them there, through the same validation, and may need more
 calls (to replace rejected samples), which go into the next batch.
 
+A failed line (an HTTP error, an unreadable reply, or no line at all for a request) is recorded in the
+cache under the batch's id; the next pass sends the call again in the next batch, up to
+`llm.max_retries` times, after which it counts as a failed call (a backend_error reject). What
+succeeded is cached and never sent again, and a rerun after a kill retries exactly what an
+uninterrupted run would. A batch of at least max_consecutive_errors calls, none sent before, that
+gets no reply at all stops the run (the API refuses the requests themselves: model, parameters, quota).
+
 What was submitted is recorded in OUTPUT/work/batch.json before and after each step (the uploaded
 file's id, then the batch's id), so a run killed while a batch is under way picks the batch up again
 on the rerun and never submits it twice.
@@ -51,30 +58,39 @@ def _submit(client, backend: OpenAIBackend, requests: dict, state_path: Path, st
 
 
 def _collect(client, batch, caller) -> int:
-    """Put the batch's replies into the cache; failed lines are recorded as failed calls. Returns lines read."""
-    read = 0
+    """Put the batch's replies into the cache and record its failed lines there (a failed line, an
+    unreadable reply or a request without a line). Returns the replies cached."""
+    failed = {}
+    replies = 0
     for file_id in (batch.output_file_id, batch.error_file_id):
         if not file_id:
             continue
         for line in client.files.content(file_id).text.splitlines():
             if not line.strip():
                 continue
-            read += 1
             item = json.loads(line)
             key, response = item.get("custom_id"), item.get("response") or {}
             if response.get("status_code") == 200:
                 try:
                     reply = OpenAIBackend.parse_completion(response.get("body"), f"batch {batch.id}")
                 except BackendError as e:
-                    caller.failed[key] = str(e)
+                    failed[key] = str(e)
                     continue
                 caller.cache.put(key, reply.text)
                 caller.count(reply.prompt_tokens, reply.completion_tokens)
+                replies += 1
             else:
-                error = item.get("error") or (response.get("body") or {}).get("error") or {}
-                caller.failed[key] = (f"batch {batch.id}: request failed with HTTP {response.get('status_code')}: "
-                                      f"{str(error.get('message', error))[:200]}")
-    return read
+                body = response.get("body")
+                error = item.get("error") or (body.get("error") if isinstance(body, dict) else body)
+                message = error.get("message", error) if isinstance(error, dict) else error
+                failed[key] = (f"batch {batch.id}: request failed with HTTP {response.get('status_code')}: "
+                               f"{str(message)[:200]}")
+    for key in caller.defer:
+        if key not in failed and caller.cache.get(key) is None:
+            failed[key] = f"batch {batch.id} ended {batch.status!r} without a line for this request"
+    for key, error in sorted(failed.items()):
+        caller.cache.fail(key, batch.id, error)
+    return replies
 
 
 def run_batch(backend, caller, work: Path, poll_s: float = 30.0, progress: bool = True) -> None:
@@ -104,9 +120,12 @@ def run_batch(backend, caller, work: Path, poll_s: float = 30.0, progress: bool 
                 break
             time.sleep(poll_s)
         bar.close()
-        read = _collect(client, batch, caller)
+        replies = _collect(client, batch, caller)
     finally:
         client.close()
     state_path.unlink()
-    if read == 0:
-        raise UsageError(f"batch {batch.id} ended {batch.status!r} with no reply; rerun to submit its calls again")
+    failures = [caller.cache.failures(key) for key in caller.defer]
+    if replies == 0 and len(failures) >= caller.max_errors and all(len(f) == 1 for f in failures):
+        raise UsageError(f"batch {batch.id} ended {batch.status!r} with no reply to any of its {len(failures)} new "
+                         f"requests (first error: {failures[0][0]}); the failures are recorded: a rerun sends each "
+                         f"call again, up to llm.max_retries times")

@@ -88,14 +88,15 @@ class Caller:
     stops the run after too many failures in a row.
 
     With `defer` set (a dict), a call not in the cache is recorded there (key -> request) for the
-    Batch API instead of being made; keys in `failed` (a batch's failed lines) count as failed calls."""
+    Batch API instead of being made; a call whose line failed in more than backend.max_retries
+    batches (the cache records them) fails instead, as a backend_error reject of its job."""
 
     def __init__(self, backend: Backend, cache: CallCache | None, max_consecutive_errors: int, prices=(None, None)):
         self.backend, self.cache = backend, cache
         self.max_errors, self.errors_in_a_row = max_consecutive_errors, 0
         self.stopped = None  # the error that stops the run, once too many calls failed in a row
         self.slots = asyncio.Semaphore(backend.concurrency)
-        self.defer, self.failed = None, {}
+        self.defer = None
         self.calls = self.in_flight = self.prompt_tokens = self.completion_tokens = 0
         self.prices = prices  # per million prompt and completion tokens
         self.on_change = lambda: None
@@ -127,9 +128,10 @@ class Caller:
             reply = self.cache.get(key)
             if reply is not None:
                 return reply
-        if key in self.failed:
-            self._failure(BackendError(self.failed[key]))
         if self.defer is not None:
+            failures = self.cache.failures(key)
+            if len(failures) > self.backend.max_retries:
+                raise BackendError(f"failed in {len(failures)} batches, last: {failures[-1]}")
             self.defer[key] = request
             raise Deferred(key)
         async with self.slots:
