@@ -1,19 +1,35 @@
-"""`moa demo`: the quick version end to end through the `moa` entry point, and config errors."""
+"""`moa demo`: the quick version end to end through the `moa` entry point, with both experiments (the two-stage
+ablation and adding a held-out culture), and config errors."""
+import contextlib
+import io
 import json
 
 import pytest
+import torch
 
+from moa import saved_run
 from moa.cli import main
 from moa.data.schema import LABELS
 from moa.demo import DEFAULT_CONFIG
 from moa.eval import METHODS
 
+ADDED = "japan"
+
+
+@pytest.fixture(scope="module")
+def quick_demo(tmp_path_factory):
+    """One quick demo with both experiments: (its output directory, what it printed)."""
+    out = tmp_path_factory.mktemp("demo") / "out"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["demo", "--quick", "--output-dir", str(out), "--no-progress", "--test-split", "norms",
+                     "--stage-ablation", "--add-culture", ADDED]) == 0
+    return out, printed.getvalue()
+
 
 @pytest.mark.slow
-def test_demo_quick_end_to_end(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--output-dir", str(out), "--no-progress", "--test-split", "norms",
-                 "--stage-ablation"]) == 0
+def test_demo_quick_end_to_end(quick_demo):
+    out, printed = quick_demo
     results = json.loads((out / "results.json").read_text())
     assert results["test_split"] == "norms"
     test_norms = {json.loads(line).get("norm") for line in (out / "data" / "stage2_test.jsonl").read_text().splitlines()}
@@ -57,15 +73,56 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert set(held["accuracy"]) == set(METHODS)
     assert held["n_rows"] == sum(r.get("norm") in held["norms"] for r in rows)
     assert held["n_label_rows"] == sum(r.get("norm") in held["norms"] for r in label_rows) > 0
-    for name in ["data/stage2_test.jsonl", "base/model.safetensors", "base/tokenizer.json", "moa/final/moa_adapters.safetensors",
+    for name in ["data/stage2_test.jsonl", "base/model.safetensors", "base/tokenizer.json", "pretrain/texts.jsonl",
+                 "pretrain/metrics.jsonl", "moa/final/moa_adapters.safetensors",
                  "shared/final/moa_adapters.safetensors", "results.md", "accuracy.png", "confusion.png", "pretrain.png",
                  "moa/metrics.png", "shared/metrics.png", "generations.jsonl"]:
         assert (out / name).is_file(), name
     generations = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert len({g["culture"] for g in generations}) == len(generations) > 1
-    printed = capsys.readouterr().out
     assert "moa_router" in printed and "Held-out conflicting-norm questions" in printed and str(out / "accuracy.png") in printed
     assert "| stage 2 alone | 25 |" in printed
+
+
+@pytest.mark.slow
+def test_demo_adds_a_held_out_culture(quick_demo):
+    out, printed = quick_demo
+    results = json.loads((out / "results.json").read_text())
+    grow = json.loads((out / "grow.json").read_text())
+    assert grow == results["grow"] and set(grow) == {"targets", "stages", "replay_rows", "cultures"}
+    [entry] = grow["cultures"]
+    assert entry["culture"] == ADDED
+    assert set(entry) == {"culture", "old", "new", "routing_cued", "seconds", "replay", "old_adapters_unchanged", "runs", "met"}
+    assert set(entry["met"]) == set(grow["targets"])
+    cultures = results["cultures"]
+    old = [c for c in cultures if c != ADDED]
+    assert set(entry["old"]["change_points_per_culture"]) == set(old)
+    assert entry["seconds"]["joint"] == results["timings"]["moa"] and entry["seconds"]["add"] > 0
+    # the run without the culture saw none of its rows; the growth run all of them and a few cued rows of the others
+    data = {name: [json.loads(line) for line in (out / "data" / f"stage2_{name}.jsonl").read_text().splitlines()]
+            for name in ("train", "validation")}
+    root = out / "grow" / ADDED
+    for name, rows in data.items():
+        without, growth = ([json.loads(line) for line in (root / kind / f"stage2_{name}.jsonl").read_text().splitlines()]
+                           for kind in ("data_without", "data_growth"))
+        assert [r["id"] for r in without] == [r["id"] for r in rows if r["culture"] != ADDED]
+        assert [r["id"] for r in growth if r["culture"] == ADDED] == [r["id"] for r in rows if r["culture"] == ADDED]
+        for culture in old:
+            replayed = [r for r in growth if r["culture"] == culture]
+            assert len(replayed) <= grow["replay_rows"] and all(r.get("cue", True) for r in replayed)
+    # every old adapter of the grown run is bitwise the nine-culture run's
+    source, grown = root / "without" / "final", root / "grown" / "final"
+    assert entry["runs"] == {"without": str(source), "grown": str(grown)} and entry["old_adapters_unchanged"]
+    a_config, b_config = saved_run.read_config(source), saved_run.read_config(grown)
+    assert a_config.cultures == old and b_config.cultures == cultures
+    a, b = saved_run.read_weights(source, a_config), saved_run.read_weights(grown, b_config)
+    lora = [k for k in a if ".lora_" in k]
+    assert lora and set(a) == set(b)
+    for key in lora:
+        for culture in old:
+            assert torch.equal(a[key][a_config.cultures.index(culture)], b[key][b_config.cultures.index(culture)]), key
+    table = (out / "grow.md").read_text()
+    assert f"| {ADDED} |" in table and f"| {ADDED} |" in printed and "Adding a culture" in printed
 
 
 def test_demo_unknown_config_key(tmp_path, capsys):

@@ -105,6 +105,10 @@ class TrainConfig:
                                                                   "frozen; the router starts from it and grows to moa.cultures."})
     train_cultures: list[str] | None = field(default=None, metadata={"help": "With init_from: the cultures whose adapters "
                                                                               "train (default: those the source run lacks)."})
+    train_base: bool = field(default=False, metadata={"help": "Train the base model itself (pre-training, full fine-tuning) on "
+                                                           "text rows {\"culture\", \"text\"} with the next-token loss on every "
+                                                           "token: no adapter, no router (moa.cultures label the rows); "
+                                                           "final/ is a model directory that model.path can name."})
 
     def __post_init__(self):
         if not self.stages:
@@ -123,6 +127,12 @@ class TrainConfig:
                 raise UsageError(f"train_cultures {self.train_cultures} must name some of moa.cultures {self.moa.cultures}")
         if self.init_from is not None and self.shared_lora:
             raise UsageError("init_from grows a MoA run; shared_lora trains the one-LoRA baseline: use one or the other")
+        if self.train_base and (self.shared_lora or self.init_from is not None or self.model.quantization is not None
+                                or any(s.tasks is not None for s in self.stages)):
+            raise UsageError(f"train_base trains the base's own full-precision weights on text rows: it takes no "
+                             f"shared_lora, init_from, model.quantization or stage tasks, got shared_lora="
+                             f"{self.shared_lora}, init_from={self.init_from!r}, quantization={self.model.quantization!r}, "
+                             f"tasks={[s.tasks for s in self.stages]}")
 
     def frozen_cultures(self) -> list[str]:
         """The cultures whose adapters come from init_from and stay as they are there (checked against that run:

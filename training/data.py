@@ -7,6 +7,8 @@ splits the same global batch: micro-batch slot `m` of process `rank` holds rows
 """
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import torch
 
@@ -32,8 +34,11 @@ class StageData:
             rows.extend(loaded)
         if not rows:
             raise UsageError(f"no rows for cultures {cultures} (tasks {tasks or 'all'}) in {list(map(str, files))}")
+        self._index(rows, [encode_example(tokenizer, row, max_length) for row in rows], cultures, shared)
+
+    def _index(self, rows: list[dict], examples: list[dict], cultures: list[str], shared: bool = False) -> None:
         self.rows = rows
-        self.examples = [encode_example(tokenizer, row, max_length) for row in rows]
+        self.examples = examples
         self.culture_names = [row["culture"] for row in rows]
         # the shared-LoRA baseline routes every row to its single slot 0
         self.culture_ids = np.array([0 if shared else cultures.index(row["culture"]) for row in rows])
@@ -69,6 +74,37 @@ class StageData:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels,
                 "culture_ids": torch.tensor(self.culture_ids[indices], dtype=torch.long),
                 "router_targets": torch.tensor(self.router_targets[indices], dtype=torch.long)}
+
+
+class TextData(StageData):
+    """Language-modelling rows `{"culture": ..., "text": ...}` (`train_base`): the next-token loss on every token of
+    the text, cut to `max_length` tokens with the EOS last; the culture only labels the statistics."""
+
+    def __init__(self, files, tokenizer, cultures: list[str], max_length: int):
+        if tokenizer.eos_token_id is None:
+            raise UsageError(f"{type(tokenizer).__name__} has no eos token to end the texts with")
+        rows = []
+        for path in files:
+            with open(path, encoding="utf-8") as f:
+                for number, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        row = json.loads(line)
+                    except ValueError:
+                        row = None
+                    if not (isinstance(row, dict) and set(row) == {"culture", "text"} and row["culture"] in cultures
+                            and isinstance(row["text"], str) and row["text"]):
+                        raise UsageError(f"{path}:{number}: expected {{\"culture\": one of {cultures}, \"text\": a "
+                                         f"non-empty string}}, got {line.strip()[:200]!r}")
+                    rows.append(row)
+        if not rows:
+            raise UsageError(f"no text rows in {list(map(str, files))}")
+        examples = []
+        for row in rows:
+            ids = tokenizer(row["text"])["input_ids"][:max_length - 1] + [tokenizer.eos_token_id]
+            examples.append({"input_ids": ids, "labels": ids})
+        self._index(rows, examples, cultures)
 
 
 def micro_batches(global_indices: np.ndarray, micro: int, rank: int, world: int) -> list[np.ndarray]:

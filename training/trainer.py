@@ -32,9 +32,10 @@ from moa.errors import UsageError
 from moa.layers import MoALinear
 from moa.model import MoAForCausalLM
 from moa.routing import TokenRouter
+from .base_lm import BaseLM
 from .checkpoint import export_adapters, latest_usable_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import StageData, micro_batches
+from .data import StageData, TextData, micro_batches
 from .losses import loss_and_stats, summarize
 from .metrics import MetricsLog, plot_metrics
 from .schedule import StageSchedule
@@ -100,6 +101,11 @@ def deepspeed_config(config: TrainConfig, world: int) -> dict:
 
 def build_model(config: TrainConfig, device: torch.device):
     base, tokenizer = load_base_model(config.model, device)
+    if config.train_base:
+        model = BaseLM(base)
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        return model.train(), tokenizer
     model = MoAForCausalLM.from_base(base, config.model_config())
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -132,17 +138,22 @@ class Trainer:
         tokenizer = load_tokenizer(config.model)
         cultures, shared = config.moa.cultures, config.shared_lora
         self.stage_data, self.eval_data = [], []
+
+        def read(files, stage):
+            if config.train_base:
+                return TextData(files, tokenizer, cultures, config.batch.max_length)
+            return StageData(files, tokenizer, cultures, config.batch.max_length, stage.tasks, shared)
+
         for stage in config.stages:  # every data file is read and validated before the model is built
-            self.stage_data.append(StageData(stage.train, tokenizer, cultures, config.batch.max_length, stage.tasks, shared))
-            self.eval_data.append(StageData(stage.validation, tokenizer, cultures, config.batch.max_length, stage.tasks, shared)
-                                  if stage.validation else None)
+            self.stage_data.append(read(stage.train, stage))
+            self.eval_data.append(read(stage.validation, stage) if stage.validation else None)
         self.pad_id = padding_id(tokenizer)
         frozen = config.frozen_cultures()  # checked against init_from before the model is built
         model, _ = build_model(config, self.device)
         if config.init_from is not None:  # a resumed run then loads its checkpoint over these weights
             model.load_cultures_from(config.init_from)
             model.freeze_cultures(frozen)
-        self.model_cultures = model.config.cultures
+        self.model_cultures = config.model_config().cultures
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model, model_parameters=trainable, config=self.ds_config,
