@@ -15,7 +15,7 @@ from moa.bnb import dispatch_bnb_4bit, dispatch_bnb_8bit
 from moa.config import ALL_LINEAR, ROUTING_MODES, BaseModelConfig, MoAConfig
 from moa.errors import UsageError
 from moa.layers import MoALinear, dispatch_default
-from moa.routing import PlanCache, RoutingCall, TokenRouter, current_call, replay_routing_context, routing_call
+from moa.routing import NO_CULTURE, PlanCache, RoutingCall, TokenRouter, current_call, replay_routing_context, routing_call
 
 
 @dataclass
@@ -222,25 +222,29 @@ class MoAForCausalLM(nn.Module):
         return lm_loss + self.config.router_loss_weight * router_loss
 
     @staticmethod
-    def router_loss(router_logits, culture_ids, attention_mask=None):
-        """Cross-entropy of every attended token's gate against its row's culture, averaged over layers.
+    def router_loss(router_logits, targets, attention_mask=None):
+        """Every attended token's gate against its row's target, averaged over tokens and layers: cross-entropy
+        against a culture id, or, for `NO_CULTURE` (the prompt names no culture), the KL divergence from the
+        uniform distribution over the cultures, so the gates learn to say they do not know. Both are zero at
+        their optimum. Rows with target -1 are left out.
 
         The gate is trained on the prompt as well as the response: at a prompt's last token it picks
-        the adapter the whole answer is generated with. Rows with culture -1 are left out. None when
-        there is nothing to supervise.
+        the adapter the whole answer is generated with. None when there is nothing to supervise.
         """
-        if culture_ids is None or not router_logits:
+        if targets is None or not router_logits:
             return None
-        batch, seq, _ = router_logits[0].shape
+        batch, seq, k = router_logits[0].shape
         if attention_mask is not None:
             mask = attention_mask.bool()
         else:
-            mask = torch.ones(batch, seq, dtype=torch.bool, device=culture_ids.device)
-        mask = mask & (culture_ids[:, None] >= 0)
+            mask = torch.ones(batch, seq, dtype=torch.bool, device=targets.device)
+        mask = mask & ((targets[:, None] >= 0) | (targets[:, None] == NO_CULTURE))
         if not bool(mask.any()):
             return None
-        target = culture_ids[:, None].expand(batch, seq)[mask]
-        losses = [F.cross_entropy(logits[mask].float(), target) for logits in router_logits]
+        target = targets[:, None].expand(batch, seq)[mask]
+        wanted = torch.where((target >= 0)[:, None], F.one_hot(target.clamp(min=0), k).float(), 1.0 / k)
+        entropy = torch.special.entr(wanted).sum(-1)  # 0 for a culture, log k for NO_CULTURE
+        losses = [(-(wanted * logits[mask].float().log_softmax(-1)).sum(-1) - entropy).mean() for logits in router_logits]
         return torch.stack(losses).mean()
 
     @torch.no_grad()

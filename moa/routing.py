@@ -24,6 +24,10 @@ from torch import nn
 from moa.compat import cached_length
 from moa.kernels import AdapterPlan, plan_adapters
 
+# router target of a row whose prompt names no culture: its gates learn the uniform distribution over the
+# cultures there, so a prompt without a cue gets a low top probability (see MoAForCausalLM.router_loss)
+NO_CULTURE = -2
+
 _CURRENT: contextvars.ContextVar["RoutingCall | None"] = contextvars.ContextVar("moa_routing_call", default=None)
 
 

@@ -240,6 +240,19 @@ def test_router_logits_and_losses(base):
     want = torch.stack([torch.nn.functional.cross_entropy(l.reshape(-1, 3), torch.tensor([0, 1, 2] * 2).repeat_interleave(12))
                         for l in out.router_logits]).mean()
     torch.testing.assert_close(out.router_loss, want)
+    # a row whose prompt names no culture (NO_CULTURE) learns the uniform distribution: its term is KL(uniform || gate)
+    from moa.routing import NO_CULTURE
+
+    targets = torch.tensor([0, NO_CULTURE, 2, -1, 1, NO_CULTURE])
+    rows = torch.tensor([0, 1, 2, 4, 5])
+    want = []
+    for logits in out.router_logits:
+        logp = logits[rows].reshape(-1, 3).float().log_softmax(-1)
+        target = targets[rows].repeat_interleave(12)
+        cued = -logp[target >= 0].gather(1, target[target >= 0, None]).squeeze(1)
+        uniform = (-logp[target < 0].mean(-1) - torch.log(torch.tensor(3.0)))
+        want.append(torch.cat([cued, uniform]).mean())
+    torch.testing.assert_close(model.router_loss(out.router_logits, targets), torch.stack(want).mean())
     out.loss.backward()
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n or "router" in n for n in trainable)

@@ -15,6 +15,7 @@ import torch
 from moa.data import CULTURES, IGNORE_INDEX, encode_example, load_jsonl
 from moa.data.padding import pad, pad_batch
 from moa.errors import UsageError
+from moa.routing import NO_CULTURE
 
 
 class StageData:
@@ -42,9 +43,9 @@ class StageData:
         self.culture_names = [row["culture"] for row in rows]
         # the shared-LoRA baseline routes every row to its single slot 0
         self.culture_ids = np.array([0 if shared else cultures.index(row["culture"]) for row in rows])
-        # the router learns from rows whose prompt carries a cultural cue; a cue-free row (cue: false)
-        # trains its culture's adapter but would teach the router to guess the culture from the topic
-        self.router_targets = np.where([row.get("cue", True) for row in rows], self.culture_ids, -1)
+        # the router learns a row's culture from a prompt that carries a cultural cue; a cue-free row (cue: false)
+        # trains its culture's adapter, and its gates learn that the prompt names no culture (NO_CULTURE)
+        self.router_targets = np.where([row.get("cue", True) for row in rows], self.culture_ids, NO_CULTURE)
         self.by_culture = {c: np.flatnonzero(np.array(self.culture_names) == c) for c in cultures}
         self.by_culture = {c: idx for c, idx in self.by_culture.items() if len(idx)}
 
@@ -62,7 +63,8 @@ class StageData:
 
     def collate(self, indices, pad_id: int) -> dict[str, torch.Tensor]:
         """Right-padded input_ids, attention_mask, labels (-100 on prompt and padding), culture_ids
-        (the adapter of each row) and router_targets (the culture its gates learn, -1 = none).
+        (the adapter of each row) and router_targets (the culture its gates learn, NO_CULTURE for a prompt
+        that names none).
 
         Rows are grouped by culture (a stable sort), so each adapter's tokens are one contiguous
         slice and the multi-LoRA op needs no gather or scatter; the loss is a mean, so order is free.
