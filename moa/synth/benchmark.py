@@ -119,6 +119,7 @@ class _SlowChat(BaseHTTPRequestHandler):
     """A chat completions server taking `latency` seconds a call; each reply is one valid yes/no sample,
     told apart by the request's number (so every call gives a row). GET /count: the calls answered."""
     protocol_version = "HTTP/1.1"  # keep-alive, as API servers do
+    disable_nagle_algorithm = True  # headers and body go out at once, not 40 ms apart (delayed ACK)
     latency = 0.2
     answered = 0
     lock = threading.Lock()

@@ -57,7 +57,8 @@ class OpenAIConfig:
     max_tokens: int = field(default=2048, metadata={"help": "Tokens per reply at most."})
     timeout_s: float = field(default=60.0, metadata={"help": "Timeout of one request."})
     max_retries: int = field(default=5, metadata={"help": "Retries of a failed request (timeouts, 429 and 5xx), "
-                                                         "with backoff, jitter and Retry-After."})
+                                                         "with backoff, jitter and Retry-After; with batch, also "
+                                                         "the later batches a failed line is sent again in."})
     concurrency: int = field(default=16, metadata={"help": "Requests in flight at once."})
     requests_per_minute: float | None = field(default=None, metadata={"help": "Request budget per minute (None: none)."})
     tokens_per_minute: float | None = field(default=None, metadata={"help": "Token budget per minute (prompt + max_tokens, "
