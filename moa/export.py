@@ -156,6 +156,11 @@ def _vllm_quantization(spec) -> tuple[str, ...]:
                      f"--format peft with transformers + PEFT), or train on an nf4 or unquantized base to serve it with vLLM")
 
 
+def _local_or_hub(name: str) -> Path | str:
+    """A local directory as an absolute path; a Hub id as it is."""
+    return Path(name).resolve() if Path(name).is_dir() else name
+
+
 def export_vllm(run_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> str:
     """The peft export plus OUT/vllm_serve.sh, the base's tokenizer where vLLM would not find it, and OUT/base for a
     base built from a config; returns the command."""
@@ -177,16 +182,20 @@ def export_vllm(run_dir: str | Path, out_dir: str | Path, overwrite: bool = Fals
         with atomic_directory(base, marker="config.json") as tmp:
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-    else:
-        base = Path(spec.path).resolve()
+    else:  # a local directory, or a Hub id that vLLM resolves through the same cache, at the run's revision
+        base = _local_or_hub(spec.path)
+        if spec.revision is not None:
+            options += ["--revision", spec.revision]
         if spec.tokenizer == "byte":  # no files of its own: written for vLLM to load
             tokenizer = out_dir / VLLM_TOKENIZER_DIR
             with atomic_directory(tokenizer, marker="tokenizer_config.json") as tmp:
                 load_tokenizer(spec).save_pretrained(tmp)
         else:
-            tokenizer = Path(spec.tokenizer or spec.path).resolve()
+            tokenizer = _local_or_hub(spec.tokenizer or spec.path)
         if tokenizer != base:
             options += ["--tokenizer", str(tokenizer)]
+            if spec.revision is not None and isinstance(tokenizer, str):  # vLLM would read it at the model's revision
+                options += ["--tokenizer-revision", "main"]
     command = vllm_command(str(base), {c["name"]: out_dir / c["adapter_dir"] for c in manifest["cultures"]},
                            config.r, tuple(options))
     with atomic_file(out_dir / VLLM_SCRIPT) as f:

@@ -4,10 +4,12 @@ Sections: `model` (moa.config.BaseModelConfig), `moa` (moa.MoAConfig), `stages` 
 per adaptation stage: data, steps, learning rate), `optim`, `batch`, and run settings. Read through
 moa.config_loader: YAML 1.2 numbers, every field's type checked, unknown keys refused, dotted
 `key=value` overrides. Relative data, model and DeepSpeed paths are resolved against the config
-file's directory (output_dir against the working directory).
+file's directory (output_dir against the working directory); a model path shaped like a Hub id
+(`org/name`) that is no directory there stays a Hub id.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -16,6 +18,8 @@ from moa import saved_run
 from moa.config import BaseModelConfig, MoAConfig
 from moa.config_loader import apply_overrides, from_mapping, load_yaml
 from moa.errors import UsageError
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # 'name' or 'org/name', as the Hugging Face Hub allows
 
 
 def _positive(config, *names):
@@ -83,7 +87,7 @@ class BatchConfig:
 
 @dataclass
 class TrainConfig:
-    model: BaseModelConfig = field(metadata={"help": "Base model: a local path or a tiny config, optional quantization."})
+    model: BaseModelConfig = field(metadata={"help": "Base model: a local path, a Hub id or a tiny config, optional quantization."})
     moa: MoAConfig = field(metadata={"help": "Cultures, LoRA and router settings (moa.MoAConfig fields)."})
     stages: list[StageConfig] = field(metadata={"help": "Adaptation stages run in order (stage 1 broad, stage 2 task-aware)."})
     optim: OptimConfig = field(default_factory=OptimConfig, metadata={"help": "Optimizer and schedule."})
@@ -98,7 +102,10 @@ class TrainConfig:
     eval_rows: int = field(default=64, metadata={"help": "Validation rows evaluated per pass."})
     log_interval: int = field(default=1, metadata={"help": "Steps between metrics lines."})
     gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute decoder layers in backward."})
-    tensorboard: bool = field(default=False, metadata={"help": "Also write TensorBoard events under output_dir/tensorboard."})
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = field(
+        default_factory=list, metadata={"help": "Experiment trackers that also get every metrics row and the config: "
+                                                "any of tensorboard (events in output_dir/tensorboard), wandb, mlflow, "
+                                                "trackio; each an extra: pip install 'moa-cultures[wandb]'."})
     seed: int = field(default=0, metadata={"help": "Seed of data sampling and dropout."})
     init_from: str | None = field(default=None, metadata={"help": "A saved MoA run to grow: the adapters of its cultures "
                                                                   "(by name) are copied from it and, but for train_cultures, "
@@ -168,11 +175,12 @@ class TrainConfig:
         raise ValueError(f"step {step} is past the last stage (total {self.total_steps} steps)")
 
     def input_paths(self) -> list[str]:
-        """Every file or directory the run reads: the base model, tokenizer, data files and DeepSpeed config."""
+        """Every local file or directory the run reads: the base model and tokenizer (unless Hub ids), data files and
+        DeepSpeed config."""
         paths = [self.model.path, self.model.tokenizer if self.model.tokenizer != "byte" else None, self.deepspeed,
                  self.init_from]
         paths += [p for stage in self.stages for p in stage.train + stage.validation]
-        return [p for p in paths if p]
+        return [p for p in paths if p and (Path(p).exists() or not HUB_ID.fullmatch(p))]
 
     def model_config(self) -> MoAConfig:
         """The MoAConfig actually trained: the shared baseline is one culture 'shared' of rank K*r."""
@@ -197,10 +205,13 @@ class TrainConfig:
         def resolve(p):
             return p if Path(p).is_absolute() else str((base_dir / p).resolve())
 
+        def resolve_model(p):  # a directory beside the config, else a Hub id as written
+            return p if HUB_ID.fullmatch(p) and not Path(resolve(p)).is_dir() else resolve(p)
+
         if self.model.path:
-            self.model.path = resolve(self.model.path)
+            self.model.path = resolve_model(self.model.path)
         if self.model.tokenizer not in (None, "byte"):
-            self.model.tokenizer = resolve(self.model.tokenizer)
+            self.model.tokenizer = resolve_model(self.model.tokenizer)
         for stage in self.stages:
             stage.train = [resolve(p) for p in stage.train]
             stage.validation = [resolve(p) for p in stage.validation]

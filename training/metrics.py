@@ -1,4 +1,5 @@
-"""Training metrics: one JSON line per logged step (and per validation pass), optional TensorBoard, a PNG of the curves."""
+"""Training metrics: one JSON line per logged step (and per validation pass), sent to the experiment trackers too
+(training/trackers.py), and a PNG of the curves."""
 from __future__ import annotations
 
 import json
@@ -7,24 +8,21 @@ from pathlib import Path
 
 from moa.atomic import atomic_file
 from moa.errors import UsageError
+from .trackers import Trackers
 
 
 class MetricsLog:
-    """Appends metrics rows to `path` (JSONL). On resume, rows past the checkpoint's step, and a last
-    line cut off by a kill mid-append, are dropped first."""
+    """Appends metrics rows to `path` (JSONL) and sends each to `trackers`. On resume, rows past the checkpoint's
+    step, and a last line cut off by a kill mid-append, are dropped first."""
 
-    def __init__(self, path: str | Path, tensorboard_dir: str | Path | None = None, resume_step: int | None = None):
+    def __init__(self, path: str | Path, trackers: Trackers | None = None, resume_step: int | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is None:
             self.path.write_text("")
         else:
             self.truncate_after(resume_step)
-        self.writer = None
-        if tensorboard_dir is not None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(tensorboard_dir))
+        self.trackers = trackers
 
     def truncate_after(self, step: int):
         """Keep only rows with step <= `step` (rows a killed run logged after its last checkpoint go)."""
@@ -50,18 +48,12 @@ class MetricsLog:
     def log(self, row: dict):
         with self.path.open("a") as f:
             f.write(json.dumps(row, allow_nan=False) + "\n")
-        if self.writer is not None:
-            prefix = "eval/" if row.get("kind") == "eval" else "train/"
-            for key, value in row.items():
-                if isinstance(value, (int, float)) and key != "step":
-                    self.writer.add_scalar(prefix + key, value, row["step"])
-                elif isinstance(value, dict):
-                    for sub, v in value.items():
-                        self.writer.add_scalar(f"{prefix}{key}/{sub}", v, row["step"])
+        if self.trackers is not None:
+            self.trackers.log(row)
 
     def close(self):
-        if self.writer is not None:
-            self.writer.close()
+        if self.trackers is not None:
+            self.trackers.close()
 
 
 def plot_metrics(rows: list[dict], path: str | Path):

@@ -26,7 +26,7 @@ import torch.distributed as dist
 from deepspeed.utils import set_z3_leaf_modules
 from tqdm import tqdm
 
-from moa.base_model import load_base_model, load_tokenizer
+from moa.base_model import load_base_model, load_tokenizer, pin_revision
 from moa.data import IGNORE_INDEX, padding_id
 from moa.errors import UsageError
 from moa.layers import MoALinear
@@ -38,6 +38,7 @@ from .config import TrainConfig
 from .data import StageData, TextData, micro_batches
 from .losses import loss_and_stats, summarize
 from .metrics import MetricsLog, plot_metrics
+from .trackers import Trackers, check_installed
 from .schedule import StageSchedule
 
 DS_DEFAULT = {"zero_optimization": {"stage": 0}}
@@ -130,11 +131,8 @@ class Trainer:
         self.rank, self.world, self.device = init_distributed()
         self.show_progress = show_progress and self.rank == 0
         self.ds_config = deepspeed_config(config, self.world)  # checked before any data or model work
-        if config.tensorboard:
-            try:
-                import torch.utils.tensorboard  # noqa: F401
-            except ImportError:
-                raise UsageError("tensorboard: true needs the tensorboard package: pip install -e '.[tensorboard]'") from None
+        check_installed(config.report_to)
+        config.model = pin_revision(config.model)  # a Hub id at its commit, as every saved run records it
         tokenizer = load_tokenizer(config.model)
         cultures, shared = config.moa.cultures, config.shared_lora
         self.stage_data, self.eval_data = [], []
@@ -244,8 +242,8 @@ class Trainer:
         if self.rank == 0:
             out.mkdir(parents=True, exist_ok=True)
             (out / "train_config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
-            log = MetricsLog(out / "metrics.jsonl", out / "tensorboard" if config.tensorboard else None,
-                             resume_step=start if self.resume else None)
+            trackers = Trackers(config.report_to, out, config.to_dict(), self.resume) if config.report_to else None
+            log = MetricsLog(out / "metrics.jsonl", trackers, resume_step=start if self.resume else None)
         bar = tqdm(total=self.end_step, initial=start, desc="train", disable=not self.show_progress, dynamic_ncols=True)
         for step in range(start, self.end_step):
             row = self.train_step(step)
