@@ -7,7 +7,10 @@
 Each prints a table and writes JSON (--output, default runs/bench/synth_<what>.json). Corpus-scale
 retrieval runs each size in a fresh process, so that peak memory is that size's alone; its corpus
 is synthetic: passages of 30 to 70 words drawn (Zipf) from a vocabulary of words in eight scripts
-plus unspaced Chinese and Japanese runs.
+plus unspaced Chinese and Japanese runs. The calls benchmark runs a synthesis of exactly --calls
+calls (one yes/no row each, over the ten cultures) against a chat server in its own process, which
+counts the calls it answers; it reports wall time, calls/s, the run's CPU per call and the speed-up
+over the first concurrency.
 """
 from __future__ import annotations
 
