@@ -5,8 +5,8 @@ Each tracker is an optional extra (`pip install 'moa-cultures[wandb]'`) and is s
 through its own environment variables (WANDB_MODE=offline, MLFLOW_TRACKING_URI, TRACKIO_DIR, ...). A metrics row
 becomes the scalars `<kind>/<key>` and `<kind>/<key>/<culture>` (kind: train or eval) at the row's step; text
 and empty values (the stage name, a routing accuracy without router loss) are left out. The project (wandb,
-trackio) or experiment (MLflow) is `moa` unless WANDB_PROJECT or MLFLOW_EXPERIMENT_NAME names another; the run
-is named after the output directory.
+trackio) or experiment (MLflow) is `moa` unless WANDB_PROJECT or MLFLOW_EXPERIMENT_NAME names another; wandb and
+MLflow name the run after the output directory, trackio names it itself.
 
 OUT/trackers.json keeps each tracker's run id and the last step logged per kind, so a resumed run continues the
 same tracker runs and sends no row twice (the rows a killed run logged past its checkpoint are not re-sent).
