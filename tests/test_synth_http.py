@@ -130,13 +130,16 @@ def test_search_client_reads_retry_after_as_seconds_or_a_date():
     assert 0.75 <= client._delay(0, None) <= 1.0  # backoff less a random quarter
 
 
-def test_rate_limit_spaces_requests(serve):
+def test_rate_limit_spaces_requests_from_every_thread(serve):
     server = serve([{"payload": {"ok": True}}])
     client = HttpClient(timeout_s=5, requests_per_minute=600)
     start = time.monotonic()
-    for _ in range(3):
-        client.request_json("GET", server.url + "/x")
-    assert time.monotonic() - start >= 0.2
+    threads = [threading.Thread(target=client.request_json, args=("GET", server.url + "/x")) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert time.monotonic() - start >= 0.2 and client.attempts == len(server.seen) == 3
 
 
 def test_searxng_results_become_documents(serve):
