@@ -3,8 +3,8 @@
 The loss is `MoAForCausalLM.joint_loss` (lm_loss + router_loss_weight * router_loss) of lm_loss,
 the mean next-token cross-entropy over supervised tokens (labels != -100), and router_loss,
 `MoAForCausalLM.router_loss` against the rows' `router_targets` (every attended token's gate
-against its row's culture, averaged over layers; rows whose prompt names no culture, -1, are left
-out). The statistics are sums, so processes and micro-batches add them up exactly.
+against its row's culture, or against the uniform distribution where the prompt names no culture,
+NO_CULTURE; averaged over layers). The statistics are sums, so processes and micro-batches add them up exactly.
 """
 from __future__ import annotations
 
