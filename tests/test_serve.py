@@ -1,7 +1,8 @@
 """moa serve: real servers on loopback (subprocesses), driven by the openai client and raw HTTP.
 
-Greedy outputs equal `moa generate`'s and a request alone; `auto` is the router's pick and `base`
-the plain base model; bad requests get OpenAI-style 4xx errors naming the field and disturb no
+Greedy outputs equal `moa generate`'s and a request alone; `auto` is the router's pick (at
+--min-router-confidence 0 the router always decides; tests/test_serve_culture_choice.py has it abstain) and
+`base` the plain base model; bad requests get OpenAI-style 4xx errors naming the field and disturb no
 request in flight; a full queue gets 429; a client that goes away frees its slot; SIGTERM drains
 and exits 0; the --upstream router front forwards to a second server.
 """
@@ -44,7 +45,7 @@ def loaded(run_dir):
 @pytest.fixture(scope="module")
 def server(run_dir, tmp_path_factory):
     s = Server(tmp_path_factory.mktemp("serve"), "--model", run_dir, "--max-batch-size", 16, "--max-queue", 128,
-               "--max-body-bytes", 65536)
+               "--max-body-bytes", 65536, "--min-router-confidence", 0)
     yield s
     s.close()
 
@@ -105,7 +106,7 @@ def test_greedy_equals_moa_generate(server, loaded, stream):
 def test_auto_picks_the_routers_culture_and_base_runs_no_adapter(server, loaded, run_dir):
     model, tokenizer = loaded
     rows = [{"prompt": p} for p in PROMPTS]
-    want = generate_rows(model, tokenizer, rows, routing="prompt", max_new_tokens=10)
+    want = generate_rows(model, tokenizer, rows, routing="prompt", max_new_tokens=10, min_router_confidence=0.0)
     base, _ = load_base_model(BaseModelConfig(tiny=TINY))
     for row, expected in zip(rows, want):
         text, info, _ = chat(server, "auto", row["prompt"], 10)
@@ -113,12 +114,14 @@ def test_auto_picks_the_routers_culture_and_base_runs_no_adapter(server, loaded,
         culture, confidence = model.route_sequences(ids)
         assert info["culture"] == CULTURES[int(culture)] == expected["routed_culture"]
         assert info["router_confidence"] == pytest.approx(float(confidence), abs=1e-5)
+        assert info["decided_by"] == expected["decided_by"] == "router"
         assert text == expected["text"]
         text, info, _ = chat(server, "base", row["prompt"], 10)
         out = base.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False,
                             pad_token_id=0)[0, ids.shape[1]:].tolist()
         out = out[:out.index(1)] if 1 in out else out
-        assert info["culture"] == "base" and text == tokenizer.decode(out, skip_special_tokens=True)
+        assert info["culture"] == "base" and info["decided_by"] == "request"
+        assert text == tokenizer.decode(out, skip_special_tokens=True)
 
 
 def assert_same_or_near_tie(model, tokenizer, prompt, culture, got, alone):
@@ -293,18 +296,18 @@ def test_sigterm_finishes_requests_in_flight_then_exits_0(run_dir, tmp_path, loa
 
 def test_upstream_front_forwards_and_reports_upstream_down(server, run_dir, tmp_path, loaded):
     model, tokenizer = loaded
-    front = Server(tmp_path, "--model", run_dir, "--upstream", server.url + "/v1")
+    front = Server(tmp_path, "--model", run_dir, "--upstream", server.url + "/v1", "--min-router-confidence", 0)
     try:
         assert [m.id for m in front.client.models.list().data] == CULTURES + ["auto", "base"]
         for prompt in PROMPTS[:4]:
             culture, confidence = model.route_sequences(torch.tensor([encode_prompt(tokenizer, prompt)]))
             for stream in (False, True):
                 text, info, _ = chat(front, "auto", prompt, 10, stream=stream)
-                assert info["culture"] == CULTURES[int(culture)]
+                assert info["culture"] == CULTURES[int(culture)] and info["decided_by"] == "router"
                 assert info["router_confidence"] == pytest.approx(float(confidence), abs=1e-5)
                 assert text == chat(server, info["culture"], prompt, 10)[0]
             text, info, _ = completion(front, "india", prompt, 8, stream=True)
-            assert info == {"culture": "india", "router_confidence": None}
+            assert info == {"culture": "india", "router_confidence": None, "decided_by": "request"}
             assert text == completion(server, "india", prompt, 8)[0]
         status, _, raw = front.request("POST", "/v1/completions", {"model": "japan", "prompt": "Hi", "max_tokens": 0})
         assert status == 400 and json.loads(raw)["error"]["param"] == "max_tokens"  # the upstream's own error

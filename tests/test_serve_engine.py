@@ -254,6 +254,30 @@ def test_queue_full_and_bad_requests(model, tokenizer):
     assert [got.finish(key) for key in range(2)] == ["length", "length"]
 
 
+def test_auto_abstains_to_the_hint_then_the_fallback_culture(model, tokenizer):
+    """Below the router threshold an `auto` request runs its hint, else the fallback culture; each equals the same
+    request naming that culture (same seed), and the routed event says what decided it."""
+    engine = Engine(model, tokenizer, min_router_confidence=1.0, fallback_culture="nigeria")  # confidence < 1: abstains
+    engine.start()
+    prompt = encode_prompt(tokenizer, PROMPTS[2])
+    params = SamplingParams(max_tokens=8, temperature=0.9, seed=7)
+    got = run(engine, [("hint", Request(prompt, "auto", params, hint="india")), ("india", Request(prompt, "india", params)),
+                       ("fallback", Request(prompt, "auto", params)), ("nigeria", Request(prompt, "nigeria", params))])
+    assert engine.shutdown(10)
+    routed = {key: (got.routed(key).culture, got.routed(key).decided_by) for key in got.events}
+    assert routed == {"hint": ("india", "hint"), "india": ("india", "request"), "fallback": ("nigeria", "fallback"),
+                      "nigeria": ("nigeria", "request")}
+    assert got.tokens("hint") == got.tokens("india") and got.tokens("fallback") == got.tokens("nigeria")
+    assert 0 < got.routed("hint").router_confidence < 1
+    assert engine.stats()["decided_by"] == {"router": 0, "hint": 1, "fallback": 1, "request": 2}
+    with pytest.raises(ValueError, match="unknown culture hint 'france'"):
+        engine.submit(Request(prompt, "auto", params, hint="france"), lambda event: None)
+    with pytest.raises(ValueError, match="--fallback-culture 'france' is not one of the model's cultures"):
+        Engine(model, tokenizer, fallback_culture="france")
+    with pytest.raises(ValueError, match=r"min_router_confidence must be within \[0, 1\]"):
+        Engine(model, tokenizer, min_router_confidence=1.5)
+
+
 def test_cache_bound_is_respected(model, tokenizer):
     """max_cache_tokens is the KV cache's size: max_batch_size rows of max_cache_tokens / max_batch_size tokens;
     requests wait for a free row, and one that could outgrow its row is refused naming the setting."""

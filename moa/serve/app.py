@@ -4,8 +4,9 @@ Endpoints: `GET /v1/models` and `/v1/models/{id}` (every culture, `auto` and `ba
 /v1/completions`, `POST /v1/chat/completions` (streamed as server-sent events ending in `data:
 [DONE]`, or not), vLLM's tokenizer endpoints `GET /tokenizer_info`, `POST /tokenize`, `POST
 /detokenize`, `GET /version`, and the open `GET /health` and `GET /metrics` (Prometheus text). A
-request's `model` picks its culture; every response, and each choice's first chunk of a stream,
-carries `"moa": {"culture", "router_confidence"}`. Bodies are parsed in moa/serve/openai_protocol.py;
+request's `model` picks its culture (`auto`: moa.infer.culture_choice's rule, the request's hint from its
+`moa` field or Accept-Language header); every response, and each choice's first chunk of a stream,
+carries `"moa": {"culture", "router_confidence", "decided_by"}`. Bodies are parsed in moa/serve/openai_protocol.py;
 a bad request gets a 4xx with an OpenAI-style error body naming the field, a full engine queue 429
 with Retry-After, anything unexpected a JSON 500 (never plain text). The engine calls back from its
 own thread; each request's events cross into the event loop through `loop.call_soon_threadsafe` onto
@@ -145,13 +146,14 @@ class Choice:
 
     def __init__(self, index: int, prompt):
         self.index, self.prompt = index, prompt
-        self.culture = self.confidence = self.prompt_logprobs = None
+        self.culture = self.confidence = self.decided_by = self.prompt_logprobs = None
         self.text, self.tokens, self.logprobs, self.tops, self.offsets = [], [], [], [], []
         self.finish_reason = self.message = None
 
     def add(self, event) -> None:
         if event.kind == "routed":
-            self.culture, self.confidence, self.prompt_logprobs = event.culture, event.router_confidence, event.prompt_logprobs
+            self.culture, self.confidence, self.decided_by = event.culture, event.router_confidence, event.decided_by
+            self.prompt_logprobs = event.prompt_logprobs
         elif event.kind == "token":
             self.text.append(event.text)
             self.tokens.append(event.token_id)
@@ -162,7 +164,7 @@ class Choice:
             self.finish_reason, self.message = event.finish_reason, event.message
 
     def moa(self) -> dict:
-        return {"culture": self.culture, "router_confidence": self.confidence}
+        return {"culture": self.culture, "router_confidence": self.confidence, "decided_by": self.decided_by}
 
     def cumulative_logprob(self) -> float:
         return sum(p for p in self.logprobs if p is not None)
@@ -179,7 +181,8 @@ class Generation:
             for p, prompt in enumerate(parsed.prompts):
                 for j in range(parsed.best_of):
                     choice = Choice(p * parsed.best_of + j, prompt)
-                    request = Request(prompt.ids, parsed.model, parsed.choice_params(j), request_id=request_id)
+                    request = Request(prompt.ids, parsed.model, parsed.choice_params(j), request_id=request_id,
+                                      hint=parsed.hint)
                     callback = lambda event, c=choice: loop.call_soon_threadsafe(self.queue.put_nowait, (c, event))  # noqa: E731
                     self.handles.append(engine.submit(request, callback))
                     self.choices.append(choice)
@@ -405,7 +408,10 @@ def create_app(engine, tokenizer, *, max_body_bytes: int = 1 << 20, shutdown_tim
         async with switching:
             start = time.perf_counter()
             model = await asyncio.to_thread(load_for_switch, serving["run_dir"], path, engine.model.device)
-            await asyncio.to_thread(engine.switch, model)
+            try:
+                await asyncio.to_thread(engine.switch, model)
+            except ValueError as e:  # the run lacks the server's fallback culture
+                raise ApiError(409, f"cannot switch to {short(path)}: {e}", param="model", code="incompatible_run") from None
             serving["run_dir"] = path
         log.info("switched to %s (%s) in %.1fs", path, ", ".join(engine.cultures), time.perf_counter() - start)
         return JSONResponse({"model": path, "cultures": engine.cultures, "seconds": time.perf_counter() - start})
@@ -453,7 +459,8 @@ def create_app(engine, tokenizer, *, max_body_bytes: int = 1 << 20, shutdown_tim
             request_id = request.scope["state"]["request_id"]
             try:
                 body = await read_json(request, max_body_bytes, body_timeout)
-                parsed = await off_loop(parse, body, chat, tokenizer, engine.cultures, engine.context_length, engine.vocab_size)
+                parsed = await off_loop(parse, body, chat, tokenizer, engine.cultures, engine.context_length, engine.vocab_size,
+                                        request.headers.get("accept-language"))
                 generation = Generation(engine, parsed, request_id)
             except ApiError as e:
                 engine.metrics.reject(e.status)

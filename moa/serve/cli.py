@@ -2,10 +2,13 @@
 
 Usage: moa serve --model RUN_DIR [--host 127.0.0.1] [--port 8000] [--max-batch-size 32] [--max-cache-tokens N]
 [--max-model-len N] [--max-queue N] [--shutdown-timeout 30] [--max-body-bytes 1048576] [--api-key KEY]
-[--allowed-origins URL,...] [--header-timeout 10] [--body-timeout 30]: every culture is a model id (plus `auto`,
-the router picks, and `base`, no adapter) of /v1/completions and /v1/chat/completions, batched
-continuously by one engine; /health and /metrics (Prometheus). With --upstream URL only the router runs
-here: each request's culture is picked (a request naming a culture keeps it) and the request is forwarded
+[--allowed-origins URL,...] [--header-timeout 10] [--body-timeout 30] [--min-router-confidence 0.5]
+[--fallback-culture NAME]: every culture is a model id (plus `auto` and `base`, no adapter) of
+/v1/completions and /v1/chat/completions, batched continuously by one engine. `auto` runs the router's
+pick when its confidence is at least --min-router-confidence, else the request's culture hint (the
+body's `moa: {"culture_hint"}` or `{"locale"}`, else its Accept-Language header), else
+--fallback-culture (default: the base model); /health and /metrics (Prometheus). With --upstream URL only the router runs
+here: each request's culture is decided by the same rule (a request naming a culture keeps it) and the request is forwarded
 to URL, an OpenAI-compatible server that serves each culture under its name (vLLM with --lora-modules
 from `moa export --format vllm`, or another `moa serve`). --port 0 picks a free port. The address is
 printed once the server accepts connections. SIGTERM: no new connections, requests in flight finish
@@ -27,6 +30,7 @@ import signal
 import socket
 
 from moa.errors import UsageError
+from moa.infer.culture_choice import DEFAULT_MIN_CONFIDENCE, check_fallback, check_min_confidence
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,12 +62,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "default: the engine's (65536)")
     parser.add_argument("--max-queue", type=int, default=None,
                         help="requests waiting for a slot at most; past it the server answers 429; default: the engine's")
+    parser.add_argument("--min-router-confidence", type=float, default=DEFAULT_MIN_CONFIDENCE,
+                        help="an `auto` request runs the router's pick only when the router gives it at least this probability; "
+                             "below it the request's culture hint runs, else --fallback-culture (default: %(default)s)")
+    parser.add_argument("--fallback-culture", default=None,
+                        help="the culture an `auto` request runs when the router abstains and the request has no hint "
+                             "(default: the base model, no adapter)")
     parser.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds requests in flight get to finish after SIGTERM")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted (larger: 413)")
 
 
 def _engine_settings(args) -> dict:
-    settings = {"max_batch_size": args.max_batch_size}
+    settings = {"max_batch_size": args.max_batch_size, "min_router_confidence": args.min_router_confidence,
+                "fallback_culture": args.fallback_culture}
     if args.max_cache_tokens is not None:
         settings["max_cache_tokens"] = args.max_cache_tokens
     if args.max_queue is not None:
@@ -87,13 +98,16 @@ def run(args) -> int:
     if args.api_key is not None and not args.api_key.strip():
         raise UsageError("--api-key is empty: give a key, or leave it (and MOA_API_KEY) unset to serve without one")
     origins = [o.strip() for o in args.allowed_origins.split(",") if o.strip()] if args.allowed_origins else None
+    check_min_confidence(args.min_router_confidence)
     model, tokenizer = load_moa(args.model, device=resolve_device(args.device))
+    check_fallback(args.fallback_culture, list(model.config.cultures))
     on_exit = None
     if args.upstream is not None:
         from moa.serve.front import create_front
         app = create_front(model, tokenizer, args.upstream, timeout_s=args.upstream_timeout, max_body_bytes=args.max_body_bytes,
                            api_key=args.api_key, upstream_api_key=args.upstream_api_key, allowed_origins=origins,
-                           body_timeout=args.body_timeout)
+                           body_timeout=args.body_timeout, min_router_confidence=args.min_router_confidence,
+                           fallback_culture=args.fallback_culture)
     else:
         from moa.serve.app import create_app
         from moa.serve.engine import Engine

@@ -2,7 +2,7 @@
 
 Interface (what the HTTP app uses):
     engine = Engine(model, tokenizer, max_batch_size=32, max_cache_tokens=65536, max_queue=256, prefill_chunk=256,
-                    max_model_len=None)
+                    max_model_len=None, min_router_confidence=0.5, fallback_culture=None)
     engine.start()                                   # the step loop runs on a background thread
     handle = engine.submit(Request(prompt_ids, model, SamplingParams(...)), on_event)
         # raises QueueFull (retry_after_s) when max_queue requests already wait, ValueError naming the bad
@@ -17,7 +17,7 @@ Interface (what the HTTP app uses):
     hold: the smallest of the model's context, max_cache_tokens / max_batch_size and max_model_len)
 `on_event(Event)` is called from the engine thread, in order: one "routed" (culture: a culture name or
 "base"; router_confidence: the router's sequence-level probability of its pick for the prompt;
-prompt_logprobs where asked), one "token" per new token (token_id, text: the new text, held back while
+decided_by: what chose the culture, see below; prompt_logprobs where asked), one "token" per new token (token_id, text: the new text, held back while
 it may begin a stop string or ends in a partial character; offset: where the token's text starts in
 the output; logprob and top where asked), then one "done" (finish_reason "stop" | "length" |
 "cancelled" | "error", message for "error"). It must be cheap and must not block.
@@ -35,8 +35,10 @@ running row, each with its own culture ('oracle' routing, culture id -1 for "bas
 `switch(model)` drains: nothing new is admitted, the running requests finish on the weights they
 started with, then the loop thread swaps the model between two steps and the waiting requests run on
 the new one (a request naming a culture the new run lacks ends with an error).
-"auto" requests take the router's pick for the prompt (`model.route_sequences`, which reads only the
-embeddings). A failure while prefilling, sampling or detokenizing ends only the requests it touched,
+An "auto" request's culture is decided by moa.infer.culture_choice.decide: the router's pick for the prompt
+(`model.route_sequences`, which reads only the embeddings) when its confidence is at least
+`min_router_confidence` (decided_by "router"), else the request's culture hint ("hint"), else
+`fallback_culture` (None: the base model; "fallback"); a request naming its culture or "base" says "request". A failure while prefilling, sampling or detokenizing ends only the requests it touched,
 with an "error" event, a log line and a count in `moa_request_failures_total`; a failed decode
 forward ends the rows it ran; the engine goes on.
 """
@@ -52,6 +54,7 @@ import torch
 
 from moa import compat
 from moa.data.padding import pad_batch
+from moa.infer.culture_choice import DEFAULT_MIN_CONFIDENCE, check_fallback, check_min_confidence, decide
 from moa.infer.generate import eos_ids
 from moa.infer.sampling import SamplingParams
 from moa.serve import openmp
@@ -71,6 +74,7 @@ class Request:
     model: str  # a culture name, "auto" (the router's pick for the prompt) or "base" (no adapter)
     params: SamplingParams
     request_id: str = ""  # for log lines
+    hint: str | None = None  # "auto": the culture to run when the router abstains (a culture name)
 
 
 @dataclass
@@ -78,6 +82,7 @@ class Event:
     kind: str  # "routed" | "token" | "done"
     culture: str | None = None  # routed
     router_confidence: float | None = None  # routed
+    decided_by: str | None = None  # routed: "router" | "hint" | "fallback" | "request"
     prompt_logprobs: list | None = None  # routed: (logprob, [(token, logprob)]) per prompt token after the first
     token_id: int | None = None  # token
     text: str = ""  # token: the text delta
@@ -109,6 +114,7 @@ class Sequence:
         self.prompt_ids = request.prompt_ids
         self.culture_id = culture_id  # None for "auto" until routed
         self.confidence = None  # the router's probability of its pick for the prompt
+        self.decided_by = "request" if culture_id is not None else None  # "auto": set when routed
         self.cancelled = self.done = False
         self.cache = None  # its own DynamicCache while prefilling alone
         self.prefilled = 0  # prompt tokens in its cache
@@ -128,7 +134,8 @@ class Sequence:
 
 class Engine:
     def __init__(self, model, tokenizer, *, max_batch_size: int = 32, max_cache_tokens: int = 65536,
-                 max_queue: int = 256, prefill_chunk: int = 256, max_model_len: int | None = None):
+                 max_queue: int = 256, prefill_chunk: int = 256, max_model_len: int | None = None,
+                 min_router_confidence: float = DEFAULT_MIN_CONFIDENCE, fallback_culture: str | None = None):
         for name, value in (("max_batch_size", max_batch_size), ("max_cache_tokens", max_cache_tokens),
                             ("max_queue", max_queue), ("prefill_chunk", prefill_chunk),
                             ("max_model_len", max_model_len or 1)):
@@ -140,6 +147,8 @@ class Engine:
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.max_cache_tokens = max_batch_size, max_cache_tokens
         self.cultures = list(model.config.cultures)
+        self.min_confidence = check_min_confidence(min_router_confidence, "min_router_confidence")
+        self.fallback = check_fallback(fallback_culture, self.cultures)
         self.vocab_size = int(model.base_model.config.vocab_size)
         # the running batch's KV cache (full-attention models only): a row per request of max_cache_tokens / max_batch_size tokens
         slab = KVSlab(model.base_model.config, max_batch_size, max_cache_tokens // max_batch_size)
@@ -195,6 +204,9 @@ class Engine:
         """Serve `model` (a MoAForCausalLM on the same base, so the tokenizer and KV slab still fit) from the first
         step at which no request runs; returns once it serves. Requests in flight finish on the old model."""
         scheduler = self.scheduler
+        if self.fallback is not None and self.fallback not in model.config.cultures:
+            raise ValueError(f"the run has no culture {self.fallback!r}, the fallback culture this server runs with: "
+                             f"it has {list(model.config.cultures)}")
         done = threading.Event()
         with scheduler.lock:
             if scheduler.switch is not None:
@@ -222,12 +234,13 @@ class Engine:
                 seq.cultures = self.cultures
                 if name in self.cultures:
                     seq.culture_id = self.cultures.index(name)
-                elif name not in ("auto", "base"):
+                elif name != "base" and (name != "auto" or seq.request.hint not in self.cultures + [None]):
                     gone.append(seq)
             for seq in gone:
                 self.scheduler.waiting.remove(seq)
         for seq in gone:
-            self._finish(seq, "error", f"the server switched to a run without culture {seq.request.model!r}")
+            name = seq.request.model if seq.request.model != "auto" else seq.request.hint
+            self._finish(seq, "error", f"the server switched to a run without culture {name!r}")
 
     def stats(self) -> dict:
         """queue_depth, running (rows in the decode batch), prefilling, cache_tokens (KV-cache token slots
@@ -247,6 +260,8 @@ class Engine:
             raise ValueError(f"prompt_ids must be a non-empty list of token ids in 0..{self.vocab_size - 1}")
         if request.model not in self.cultures + ["auto", "base"]:
             raise ValueError(f"unknown model {request.model!r}: expected one of {self.cultures + ['auto', 'base']}")
+        if request.hint is not None and request.hint not in self.cultures:
+            raise ValueError(f"unknown culture hint {request.hint!r}: expected one of {self.cultures}")
         if not isinstance(p, SamplingParams):
             raise ValueError(f"params must be SamplingParams, got {type(p).__name__}")
         if len(ids) + p.max_tokens > self.context_length:
@@ -322,12 +337,16 @@ class Engine:
         return out.logits.float() if all_positions else out.logits[:, -1].float()
 
     def _route(self, seqs: list[Sequence], ids: torch.Tensor, mask: torch.Tensor | None) -> None:
-        """The router's pick and confidence for each request's prompt; an "auto" request runs under the pick."""
+        """The router's pick and confidence for each request's prompt; an "auto" request runs under the culture
+        `decide` gives: the pick when confident enough, else its hint, else the fallback."""
         culture, confidence = self.model.route_sequences(ids, mask)
         for row, seq in enumerate(seqs):
-            if seq.culture_id is None:
-                seq.culture_id = int(culture[row])
             seq.confidence = float(confidence[row])
+            if seq.culture_id is None:
+                decision = decide(self.cultures[int(culture[row])], seq.confidence, seq.request.hint, self.min_confidence,
+                                  self.fallback)
+                seq.culture_id = -1 if decision.culture is None else self.cultures.index(decision.culture)
+                seq.decided_by = decision.decided_by
 
     def _score_prompt(self, seq: Sequence, logits: torch.Tensor, start: int, end: int) -> None:
         """Append the logprobs of prompt tokens start+1..end (at most the prompt's last) from logits [T, V]
@@ -385,9 +404,10 @@ class Engine:
         """A prefilled request says which culture runs it and samples its first token (none when it asked for
         max_tokens 0: the prompt scored alone). True when it goes on decoding (it stays on the prefill list until it
         joins the running batch or leaves)."""
-        self.metrics.started(seq.culture)
+        self.metrics.started(seq.culture, seq.decided_by)
         scored = seq.prompt_logprobs if seq.params.prompt_logprobs is not None else None
-        self._send(seq, Event("routed", culture=seq.culture, router_confidence=seq.confidence, prompt_logprobs=scored))
+        self._send(seq, Event("routed", culture=seq.culture, router_confidence=seq.confidence, decided_by=seq.decided_by,
+                              prompt_logprobs=scored))
         if seq.params.max_tokens == 0:
             self._finish(seq, "length")
             return False

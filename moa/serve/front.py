@@ -1,11 +1,15 @@
 """The router front of `moa serve --upstream URL`: route each request here, generate upstream.
 
 Only the router runs in this process: `model.route_sequences` reads the token embeddings and the
-per-layer gates, no decoder layer. A request for `auto` gets the culture the router picks for its
-prompt (tokenized as `moa serve` does); a request naming a culture (or `base`) keeps it. The body is
-forwarded unchanged but for `model` to the same path under URL, any OpenAI-compatible server that
-serves each culture under its name; its answer comes back as it is, a stream chunk by chunk, with
-`"moa": {"culture", "router_confidence"}` added to the response or to the stream's first chunk.
+per-layer gates, no decoder layer. A request for `auto` gets its culture by the rule `moa serve` applies
+(moa.infer.culture_choice.decide: the router's pick for its prompt, tokenized as `moa serve` does, when
+its confidence is at least `min_router_confidence`, else the request's hint, from its `moa` field or
+Accept-Language header, else `fallback_culture` or the base model); a request naming a culture (or
+`base`) keeps it. The body is forwarded unchanged but for `model` (the culture, or `base`, the base
+model's name in vLLM's command from `moa export --format vllm`) and without `moa` to the same path under
+URL, any OpenAI-compatible server that serves each culture under its name; its answer comes back as it
+is, a stream chunk by chunk, with `"moa": {"culture", "router_confidence", "decided_by"}` added to the
+response or to the stream's first chunk.
 Upstream failures become OpenAI-style errors: unreachable 503, timed out 504, a 5xx or a broken
 answer 502. Upstream 4xx answers (the client's errors, 429 included) pass through. The client's
 `Authorization` header goes upstream with the request (or `upstream_api_key` where given), so an
@@ -23,23 +27,29 @@ from starlette.applications import Starlette
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from moa.infer.culture_choice import DEFAULT_MIN_CONFIDENCE, CultureDecision, check_fallback, check_min_confidence, decide
 from moa.serve.app import build, dumps, error_response, models_response, read_json
-from moa.serve.openai_protocol import ApiError, chat_prompt, check_model, completion_prompts
+from moa.serve.openai_protocol import ApiError, chat_prompt, check_model, completion_prompts, culture_hint
 
 
 def create_front(model, tokenizer, upstream: str, *, timeout_s: float = 60.0, max_body_bytes: int = 1 << 20,
                  api_key: str | None = None, upstream_api_key: str | None = None, allowed_origins: list[str] | None = None,
-                 body_timeout: float = 30.0) -> Starlette:
+                 body_timeout: float = 30.0, min_router_confidence: float = DEFAULT_MIN_CONFIDENCE,
+                 fallback_culture: str | None = None) -> Starlette:
     """The Starlette app routing requests with `model`'s router and forwarding them to `upstream`."""
     cultures = list(model.config.cultures)
+    min_confidence = check_min_confidence(min_router_confidence, "min_router_confidence")
+    fallback = check_fallback(fallback_culture, cultures)
     upstream = upstream.rstrip("/").removesuffix("/v1")
     client = httpx2.AsyncClient(timeout=timeout_s)
 
-    def route(body: dict, chat: bool) -> dict:
-        """The request's culture and the router's confidence in it (None for a culture named by the request)."""
+    def route(body: dict, chat: bool, accept_language: str | None) -> CultureDecision:
+        """The request's culture (None: the base model), the router's confidence in its pick (None for a culture
+        named by the request) and what decided it."""
         name = check_model(body, cultures)
+        hint = culture_hint(body, cultures, accept_language)
         if name != "auto":
-            return {"culture": name, "router_confidence": None}
+            return CultureDecision(None if name == "base" else name, None, "request")
         if chat:
             ids = chat_prompt(body, tokenizer).ids
         else:
@@ -49,7 +59,7 @@ def create_front(model, tokenizer, upstream: str, *, timeout_s: float = 60.0, ma
                                param="prompt")
             ids = prompts[0].ids
         culture, confidence = model.route_sequences(torch.tensor([ids], device=model.device))
-        return {"culture": cultures[int(culture[0])], "router_confidence": float(confidence[0])}
+        return decide(cultures[int(culture[0])], float(confidence[0]), hint, min_confidence, fallback)
 
     def upstream_error(e: Exception) -> ApiError:
         if isinstance(e, (httpx2.ConnectError, httpx2.ConnectTimeout)):
@@ -76,9 +86,10 @@ def create_front(model, tokenizer, upstream: str, *, timeout_s: float = 60.0, ma
         async def handle(request):
             try:
                 body = await read_json(request, max_body_bytes, body_timeout)
-                moa = route(body, chat)
+                moa = route(body, chat, request.headers.get("accept-language")).fields()
                 auth = f"Bearer {upstream_api_key}" if upstream_api_key else request.headers.get("authorization")
-                outgoing = client.build_request("POST", upstream + path, json={**body, "model": moa["culture"]},
+                forwarded = {key: value for key, value in body.items() if key != "moa"}
+                outgoing = client.build_request("POST", upstream + path, json={**forwarded, "model": moa["culture"]},
                                                 headers={"Authorization": auth} if auth else None)
                 try:
                     answer = await client.send(outgoing, stream=True)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import bisect
 import threading
 
+from moa.infer.culture_choice import DECIDERS
+
 # seconds; the upper bounds of the latency histograms (Prometheus adds +Inf)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 FINISH_REASONS = ("stop", "length", "cancelled", "error")
@@ -42,6 +44,7 @@ class Metrics:
         self._lock = threading.Lock()
         self.requests = dict.fromkeys(models, 0)  # requests that started generating, by the culture that ran them
         self.tokens = dict.fromkeys(models, 0)  # new tokens, by culture
+        self.decisions = dict.fromkeys(DECIDERS, 0)  # requests that started generating, by what decided their culture
         self.finished = dict.fromkeys(FINISH_REASONS, 0)
         self.rejected: dict[int, int] = {}  # answered with an error before running, by HTTP status
         self.failures: dict[str, int] = {}  # requests failed while running, by stage (prefill, sampling, ...)
@@ -56,9 +59,10 @@ class Metrics:
                 self.requests.setdefault(name, 0)
                 self.tokens.setdefault(name, 0)
 
-    def started(self, culture: str) -> None:
+    def started(self, culture: str, decided_by: str) -> None:
         with self._lock:
             self.requests[culture] += 1
+            self.decisions[decided_by] += 1
 
     def token(self, culture: str, latency_s: float, first: bool) -> None:
         with self._lock:
@@ -83,11 +87,12 @@ class Metrics:
             self.rejected[status] = self.rejected.get(status, 0) + 1
 
     def counts(self) -> dict:
-        """peak_cache_tokens, steps, per_culture ({name: {requests, tokens}}), finished, failures and first_tokens
-        (requests that got a first token), read at one moment."""
+        """peak_cache_tokens, steps, per_culture ({name: {requests, tokens}}), decided_by ({decider: requests}),
+        finished, failures and first_tokens (requests that got a first token), read at one moment."""
         with self._lock:
             return {"peak_cache_tokens": self.peak_cache_tokens, "steps": self.steps,
                     "per_culture": {c: {"requests": self.requests[c], "tokens": self.tokens[c]} for c in self.requests},
+                    "decided_by": dict(self.decisions),
                     "finished": dict(self.finished), "failures": dict(self.failures), "first_tokens": self.ttft.count}
 
     def render(self, gauges: dict) -> str:
@@ -98,6 +103,9 @@ class Metrics:
             lines += ["# HELP moa_generated_tokens_total New tokens generated, by culture.",
                       "# TYPE moa_generated_tokens_total counter"]
             lines += [f'moa_generated_tokens_total{{culture="{c}"}} {n}' for c, n in self.tokens.items()]
+            lines += ["# HELP moa_culture_decisions_total Requests that started generating, by what decided their culture "
+                      "(router, hint, fallback, request).", "# TYPE moa_culture_decisions_total counter"]
+            lines += [f'moa_culture_decisions_total{{decided_by="{d}"}} {n}' for d, n in self.decisions.items()]
             lines += ["# HELP moa_finished_requests_total Requests finished, by finish reason (stop, length, cancelled, error).",
                       "# TYPE moa_finished_requests_total counter"]
             lines += [f'moa_finished_requests_total{{reason="{r}"}} {n}' for r, n in self.finished.items()]

@@ -11,13 +11,16 @@ too. Error messages quote at most a short prefix of a bad value.
 /v1/chat/completions: `messages` (content a string or a list of text parts), `logprobs` with
 `top_logprobs`, `n`, `max_completion_tokens` (or `max_tokens`); `response_format` other than text,
 `tools`, `tool_choice` and `functions` refused. Both: temperature, top_p, seed, stop, presence and
-frequency penalties, logit_bias, stream with `stream_options.include_usage`, user.
+frequency penalties, logit_bias, stream with `stream_options.include_usage`, user, and `moa`: the request's
+culture hint for `model: "auto"`, `{"culture_hint": a culture, "locale": a language tag}` (either or both),
+with the Accept-Language header as a hint below them (moa.infer.culture_choice.request_hint).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
 from moa.data import format_prompt
+from moa.infer.culture_choice import HintError, request_hint
 from moa.infer.sampling import MAX_LOGPROBS, SamplingError, SamplingParams, short
 
 SPECIAL_MODELS = ("auto", "base")
@@ -25,7 +28,8 @@ COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat default
 MAX_CHOICES = 16  # n and best_of at most
 MAX_PROMPTS = 64  # prompts in one /v1/completions request
 SHARED = ("model", "temperature", "top_p", "seed", "stop", "presence_penalty", "frequency_penalty", "logit_bias",
-          "stream", "stream_options", "user", "n", "max_tokens")
+          "stream", "stream_options", "user", "n", "max_tokens", "moa")
+MOA_FIELDS = ("culture_hint", "locale")  # the keys of the body's `moa` object
 COMPLETION_FIELDS = frozenset(SHARED + ("prompt", "echo", "logprobs", "best_of", "suffix"))
 CHAT_FIELDS = frozenset(SHARED + ("messages", "logprobs", "top_logprobs", "max_completion_tokens", "response_format",
                                   "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls"))
@@ -64,6 +68,7 @@ class ParsedRequest:
     logprobs: int | None  # top entries per token in the response (chat: top_logprobs), None: no logprobs
     stream: bool
     include_usage: bool
+    hint: str | None = None  # the culture the request hints at (for "auto": used when the router abstains)
 
     def choice_params(self, choice: int) -> SamplingParams:
         """The sampling parameters of choice `choice` of a prompt: its own seed where one was given."""
@@ -90,6 +95,21 @@ def check_model(body: dict, cultures: list[str]) -> str:
     if model not in names:
         raise ApiError(404, f"unknown model {short(model)}: expected one of {names}", param="model", code="model_not_found")
     return model
+
+
+def culture_hint(body: dict, cultures: list[str], accept_language: str | None) -> str | None:
+    """The request's culture hint: its `moa` object's culture_hint, else its locale, else the Accept-Language header's
+    (moa.infer.culture_choice.request_hint); ApiError 400 naming `moa.<key>` or the header for a hint it cannot use."""
+    moa = _field(body, "moa", (dict,), f"an object with {' and/or '.join(MOA_FIELDS)}", {})
+    for key in moa:
+        if key not in MOA_FIELDS:
+            name = f"moa.{key[:40]}"  # a JSON object's keys are strings
+            raise ApiError(400, f"unsupported field '{name}': 'moa' takes {list(MOA_FIELDS)}", param=name)
+    try:
+        return request_hint(cultures, moa.get("culture_hint"), moa.get("locale"), accept_language)
+    except HintError as e:
+        param = "Accept-Language" if e.param == "accept_language" else f"moa.{e.param}"
+        raise ApiError(400, f"'{param}': {e}", param=param) from None
 
 
 def _refuse_unknown(body: dict, known: frozenset) -> None:
@@ -214,10 +234,13 @@ def _refuse_chat_extras(body: dict) -> None:
                        param="parallel_tool_calls")
 
 
-def parse(body: dict, chat: bool, tokenizer, cultures: list[str], context_length: int, vocab_size: int) -> ParsedRequest:
-    """A /v1/completions (chat=False) or /v1/chat/completions body as a ParsedRequest; ApiError naming the first bad field."""
+def parse(body: dict, chat: bool, tokenizer, cultures: list[str], context_length: int, vocab_size: int,
+          accept_language: str | None = None) -> ParsedRequest:
+    """A /v1/completions (chat=False) or /v1/chat/completions body (and its Accept-Language header) as a
+    ParsedRequest; ApiError naming the first bad field."""
     _refuse_unknown(body, CHAT_FIELDS if chat else COMPLETION_FIELDS)
     model = check_model(body, cultures)
+    hint = culture_hint(body, cultures, accept_language)
     if chat:
         _refuse_chat_extras(body)
         prompts = [chat_prompt(body, tokenizer)]
@@ -274,4 +297,4 @@ def parse(body: dict, chat: bool, tokenizer, cultures: list[str], context_length
         raise ApiError(400, str(e), param=e.param) from None
     _field(body, "user", (str,), "a string")
     return ParsedRequest(chat=chat, model=model, prompts=prompts, params=params, n=n, best_of=best_of, echo=echo,
-                         logprobs=logprobs, stream=stream, include_usage=include_usage)
+                         logprobs=logprobs, stream=stream, include_usage=include_usage, hint=hint)
