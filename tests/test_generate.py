@@ -1,11 +1,14 @@
-"""moa generate: mixed-culture batches equal rows run alone, oracle cultures differ, bad input named by line."""
+"""moa generate: mixed-culture batches equal rows run alone, oracle cultures differ, the culture decision under
+--routing prompt (threshold, culture hint or locale, fallback), bad input named by line."""
 import json
 
 import pytest
+import torch
 from helpers import TEXT_TINY, save_text_run
 
 from moa.base_model import load_moa
 from moa.cli import main
+from moa.data import encode_prompt
 from moa.infer import generate_rows
 
 CULTURES = ["japan", "india", "nigeria"]
@@ -52,7 +55,9 @@ def test_mixed_batch_equals_batch_size_one(run_dir, tmp_path, capsys, routing):
     assert "tokens/s" in capsys.readouterr().out
     assert [r["id"] for r in mixed] == [row["id"] for row in rows]
     assert [r["prompt"] for r in mixed] == PROMPTS
-    assert all(0 < r["router_confidence"] <= 1 and r["routed_culture"] in CULTURES for r in mixed)
+    assert all(0 < r["router_confidence"] <= 1 and r["routed_culture"] in CULTURES + ["base"] for r in mixed)
+    assert {r["decided_by"] for r in mixed} <= ({"request"} if routing == "oracle" else
+                                                {"router", "fallback"} if routing == "prompt" else {"router"})
     assert all(r["new_tokens"] > 0 for r in mixed)
     single = generate(run_dir, tmp_path, rows, "--routing", routing, "--batch-size", "1", name="single")
     assert_same(single, mixed)
@@ -117,3 +122,55 @@ def test_bad_input(run_dir, tmp_path, capsys):
         generate_rows(model, tokenizer, [{"prompt": "a", "culture": "india"}, {"prompt": "b"}], routing="oracle")
     with pytest.raises(ValueError, match="unknown routing 'soft'"):
         generate_rows(model, tokenizer, [{"prompt": "a"}], routing="soft")
+
+
+def test_culture_hint_locale_threshold_and_fallback(run_dir, tmp_path):
+    rows = [{"prompt": PROMPTS[0], "culture_hint": "india"}, {"prompt": PROMPTS[1], "locale": "ja-JP"},
+            {"prompt": PROMPTS[2], "culture_hint": "nigeria", "locale": "ja-JP"}, {"prompt": PROMPTS[3]}]
+    named = generate(run_dir, tmp_path, [{"prompt": row["prompt"], "culture": culture} for row, culture in
+                                         zip(rows, ["india", "japan", "nigeria", "nigeria"])], "--routing", "oracle", name="named")
+    assert {r["decided_by"] for r in named} == {"request"}
+    abstained = generate(run_dir, tmp_path, rows, "--min-router-confidence", "1", name="abstained")  # confidence < 1
+    assert [(r["routed_culture"], r["decided_by"]) for r in abstained] == [
+        ("india", "hint"), ("japan", "hint"), ("nigeria", "hint"), ("base", "fallback")]
+    assert [r["text"] for r in abstained[:3]] == [r["text"] for r in named[:3]]
+    model, tokenizer = load_moa(run_dir)
+    ids = torch.tensor([encode_prompt(tokenizer, PROMPTS[3])])
+    plain = model.base_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                                      pad_token_id=0)[0, ids.shape[1]:].tolist()
+    assert abstained[3]["text"] == tokenizer.decode(plain, skip_special_tokens=True)
+    fallback = generate(run_dir, tmp_path, rows[3:], "--min-router-confidence", "1", "--fallback-culture", "nigeria",
+                        name="fallback")
+    assert (fallback[0]["routed_culture"], fallback[0]["decided_by"], fallback[0]["text"]) == ("nigeria", "fallback",
+                                                                                              named[3]["text"])
+    routed = generate(run_dir, tmp_path, rows, "--min-router-confidence", "0", name="routed")  # the router always decides
+    assert all(r["decided_by"] == "router" and r["routed_culture"] == r["router_choice"] for r in routed)
+    assert [r["router_confidence"] for r in routed] == pytest.approx([r["router_confidence"] for r in abstained], abs=1e-6)
+
+
+def test_bad_hints_and_threshold_settings_are_named(run_dir, tmp_path, capsys):
+    prompts = write_prompts(tmp_path / "prompts.jsonl", [{"prompt": "hi", "culture_hint": "japan"},
+                                                        {"prompt": "hi", "culture_hint": "france"},
+                                                        {"prompt": "hi", "locale": "fr-FR"}, {"prompt": "hi", "locale": "x!"}])
+
+    def fails(*extra, path=prompts):
+        code = main(["generate", "--model", str(run_dir), "--prompts", str(path), "--output", str(tmp_path / "out.jsonl"),
+                     "--no-progress", *extra])
+        assert code == 2 and not (tmp_path / "out.jsonl").exists()
+        return capsys.readouterr().err
+
+    err = fails()
+    assert f"{prompts}:2: unknown culture hint 'france': expected one of {CULTURES}" in err
+    assert f"{prompts}:3: locale 'fr-FR' maps to none of this model's cultures" in err
+    assert f"{prompts}:4: locale 'x!' is not a language tag" in err
+    oracle = write_prompts(tmp_path / "oracle.jsonl", [{"prompt": "hi", "culture": "japan", "locale": "ja-JP"}])
+    assert "a culture hint ('locale') only applies under routing 'prompt'" in fails("--routing", "oracle", path=oracle)
+    good = write_prompts(tmp_path / "good.jsonl", [{"prompt": "hi"}])
+    assert "--min-router-confidence applies to --routing prompt only" in fails("--routing", "router",
+                                                                                "--min-router-confidence", "0.3", path=good)
+    assert "--min-router-confidence must be within [0, 1]" in fails("--min-router-confidence", "1.5", path=good)
+    assert f"--fallback-culture 'france' is not one of the model's cultures {CULTURES}" in fails(
+        "--fallback-culture", "france", path=good)
+    model, tokenizer = load_moa(run_dir)
+    with pytest.raises(ValueError, match="row 1: unknown culture hint 'france'"):
+        generate_rows(model, tokenizer, [{"prompt": "a"}, {"prompt": "b", "culture_hint": "france"}])
