@@ -104,7 +104,7 @@ def test_demo_adds_a_held_out_culture(quick_demo):
     root = out / "grow" / ADDED
     for name, rows in data.items():
         without, growth = ([json.loads(line) for line in (root / kind / f"stage2_{name}.jsonl").read_text().splitlines()]
-                           for kind in ("data_without", "data_growth"))
+                           for kind in ("data_without", "data_grown"))
         assert [r["id"] for r in without] == [r["id"] for r in rows if r["culture"] != ADDED]
         assert [r["id"] for r in growth if r["culture"] == ADDED] == [r["id"] for r in rows if r["culture"] == ADDED]
         for culture in old:

@@ -8,7 +8,7 @@ the router only; its batches draw rows in proportion to the data, so the new cul
 Scored on the test split against the demo's jointly trained MoA: the old cultures' routed accuracy before and
 after, the added culture's oracle accuracy, the routing of every cued row, and the wall time.
 
-OUT/grow/<culture>/{data_without,data_growth}/   the two runs' data files
+OUT/grow/<culture>/{data_without,data_grown}/    the two runs' data files
 OUT/grow/<culture>/{without,grown}/              the two runs (moa.training output directories)
 OUT/grow.json, OUT/grow.md                       the comparison (see report.format_grow)
 """
@@ -75,17 +75,20 @@ def _points(after: float, before: float) -> float:
     return round(100 * (after - before), 2)
 
 
-def add_culture(run, new: str) -> dict:
-    """Hold `new` out, train on the other cultures, add it back; the comparison for `new` (see the module doc)."""
-    grow, root = run.config.grow, Path("grow") / new
-    old = [c for c in run.cultures if c != new]
+def train_without(run, new: str) -> Path:
+    """MoA trained on every culture but `new` (OUT/grow/<new>/without/), on the demo's data without `new`'s rows."""
+    root = Path("grow") / new
     write_data(run.data, run.out / root / "data_without", without(new), run.seed)
+    return run.train_moa(str(root / "without"), run.out / root / "data_without", [c for c in run.cultures if c != new])
+
+
+def add_back(run, new: str, without_dir: Path, name: str = "grown") -> dict:
+    """`new` added to the saved run `without_dir` with the config's `grow` section (OUT/grow/<new>/<name>/, its data in
+    data_<name>/); the comparison for `new` (see the module doc)."""
+    grow, root = run.config.grow, Path("grow") / new
+    counts = write_data(run.data, run.out / root / f"data_{name}", with_replay(new, grow.replay_rows), run.seed)
     start = time.perf_counter()
-    without_dir = run.train_moa(str(root / "without"), run.out / root / "data_without", old)
-    without_s = time.perf_counter() - start
-    counts = write_data(run.data, run.out / root / "data_growth", with_replay(new, grow.replay_rows), run.seed)
-    start = time.perf_counter()
-    grown_dir = run.train_moa(str(root / "grown"), run.out / root / "data_growth", run.cultures, stages=grow.stages,
+    grown_dir = run.train_moa(str(root / name), run.out / root / f"data_{name}", run.cultures, stages=grow.stages,
                               init_from=str(without_dir), batch={**(run.config.train.batch or {}), "sampling": "proportional"})
     grown_s = time.perf_counter() - start
 
@@ -113,8 +116,7 @@ def add_culture(run, new: str) -> dict:
                          "old_after": routing_on(after, run.rows, lambda r: is_old(r) and cued(r))[0],
                          "new": routing_on(after, run.rows, lambda r: is_new(r) and cued(r))[0],
                          "joint": run.results["routing_accuracy_cued"]},
-        "seconds": {"add": round(grown_s, 1), "joint": joint_s, "ratio": round(grown_s / joint_s, 3),
-                    "without": round(without_s, 1)},
+        "seconds": {"add": round(grown_s, 1), "joint": joint_s, "ratio": round(grown_s / joint_s, 3)},
         "replay": {"rows_per_old_culture": grow.replay_rows, "new_rows": counts[new],
                    "new_share": round(counts[new] / sum(counts.values()), 3)},
         "old_adapters_unchanged": old_adapters_unchanged(without_dir, grown_dir),
@@ -134,7 +136,7 @@ def add_cultures(run) -> dict:
     """The comparison for every culture of `run.add_cultures`, with the targets and the growth settings."""
     entries = []
     for new in run.add_cultures:
-        entry = add_culture(run, new)
+        entry = add_back(run, new, train_without(run, new))
         entries.append({**entry, "met": met(entry)})
     return {"targets": TARGETS, "stages": run.config.grow.stages, "replay_rows": run.config.grow.replay_rows,
             "cultures": entries}

@@ -12,6 +12,9 @@ from typing import Callable
 
 from .analytics import cued, generation_rows, held_out_conflicting, routing_on, two_stage_block
 from .config import DemoConfig
+from .grow import add_cultures
+from .pretrain import pretrain as pretrain_base
+from .report import plot_pretrain
 from .train import stage2_only, train, train_config
 
 DEMO_PHASES = ["synth", "pretrain", "moa", "shared", "eval", "generate"]
@@ -79,9 +82,6 @@ def synth(run: DemoRun) -> None:
 
 def pretrain(run: DemoRun) -> None:
     """The tokenizer and the tiny base, pre-trained on the bundled corpus only: OUT/base/, OUT/pretrain.png."""
-    from .pretrain import pretrain as pretrain_base
-    from .report import plot_pretrain
-
     history = pretrain_base(run.config, run.base, run.cultures, run.seed, run.progress)
     (run.base / "pretrain_metrics.json").write_text(json.dumps(history, allow_nan=False) + "\n")
     plot_pretrain(history, run.out / "pretrain.png")
@@ -133,8 +133,6 @@ def ablate_stage1(run: DemoRun) -> None:
 
 
 def grow(run: DemoRun) -> None:
-    from .grow import add_cultures
-
     run.results["grow"] = add_cultures(run)
 
 
