@@ -1,4 +1,5 @@
-"""moa eval: batched label scoring and routing against a plain per-row loop, the CLI end to end, bad input."""
+"""moa eval: batched label scoring and routing against a plain per-row loop, moa_router's abstention (threshold,
+the rows' culture hints, fallback), the CLI end to end, bad input."""
 import copy
 import json
 
@@ -46,7 +47,8 @@ def models():
 @pytest.fixture(scope="module")
 def results(models):
     model, shared, tokenizer = models
-    return evaluate(model, tokenizer, ROWS, shared_model=shared, batch_size=5, max_length=MAX_LENGTH)
+    return evaluate(model, tokenizer, ROWS, shared_model=shared, batch_size=5, max_length=MAX_LENGTH,
+                    min_router_confidence=0.0)  # the router decides every row
 
 
 @torch.no_grad()
@@ -141,7 +143,8 @@ def test_cli_end_to_end(models, results, tmp_path, capsys):
     write_jsonl(tmp_path / "test.jsonl", ROWS)
     out = tmp_path / "out"
     rc = moa_main(["eval", "--model", str(tmp_path / "moa"), "--data", str(tmp_path / "test.jsonl"), "--shared",
-                   str(tmp_path / "shared"), "--output-dir", str(out), "--batch-size", "7", "--no-progress"])
+                   str(tmp_path / "shared"), "--output-dir", str(out), "--batch-size", "7", "--no-progress",
+                   "--min-router-confidence", "0"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "| moa_router |" in printed and "open" in printed
@@ -160,6 +163,44 @@ def test_cli_end_to_end(models, results, tmp_path, capsys):
     assert rc == 0
     limited = json.loads((tmp_path / "out2" / "results.json").read_text())
     assert limited["n_rows"] == 3 and "shared_lora" not in limited["accuracy"]
+
+
+def test_moa_router_abstains_to_the_rows_hint_then_the_fallback(models, results, tmp_path, capsys):
+    model, _, tokenizer = models
+    hints = {0: {"culture_hint": "japan"}, 1: {"locale": "en-IN"}, 2: {"culture_hint": "japan"}, 3: {"locale": "hi"}}
+    rows = [dict(row, **hints.get(i, {})) for i, row in enumerate(ROWS)]
+    methods = ("base", "moa_oracle", "moa_router")
+    label_index = [i for i, r in enumerate(ROWS) if r["task"] in LABELS]
+    got = evaluate(model, tokenizer, rows, batch_size=5, max_length=MAX_LENGTH, methods=methods, min_router_confidence=1.0)
+    assert got["decided_by"] == ["hint"] * 4 + ["fallback"] * 3  # at 1 the router abstains on every row
+    assert got["router_confidence"] == pytest.approx(results["router_confidence"]) and got["routed"] == results["routed"]
+    for j, i in enumerate(label_index):  # a hinted row runs its culture, the others the base model
+        assert got["predictions"]["moa_router"][j] == got["predictions"]["moa_oracle" if i in hints else "base"][j], i
+    router = got["accuracy"]["moa_router"]
+    assert router["abstention"] == {"rate": 1.0, "n": 6, "accuracy": pytest.approx(router["overall"])}
+    assert results["accuracy"]["moa_router"]["abstention"] == {"rate": 0.0, "n": 0, "accuracy": None}
+    assert set(results["decided_by"]) == {"router"} and "abstention" not in results["accuracy"]["moa_oracle"]
+    fallback = evaluate(model, tokenizer, ROWS, batch_size=5, max_length=MAX_LENGTH, methods=methods,
+                        min_router_confidence=1.0, fallback_culture="japan")
+    japan = predict_labels(model, tokenizer, [ROWS[i] for i in label_index], [0] * len(label_index), "oracle",
+                           batch_size=5, max_length=MAX_LENGTH)[0]
+    assert fallback["predictions"]["moa_router"] == japan
+    # the CLI reads the rows' hints and reports the abstention as columns of the accuracy table
+    model.save_pretrained(tmp_path / "moa", base_spec=BaseModelConfig(tiny={"family": "llama"}, seed=0))
+    write_jsonl(tmp_path / "hinted.jsonl", rows)
+    assert moa_main(["eval", "--model", str(tmp_path / "moa"), "--data", str(tmp_path / "hinted.jsonl"), "--output-dir",
+                     str(tmp_path / "out"), "--no-progress", "--min-router-confidence", "1"]) == 0
+    written = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert written["decided_by"] == got["decided_by"] and written["accuracy"]["moa_router"]["abstention"]["rate"] == 1.0
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| method | overall (n=6) | abstained | abstained accuracy |" in table
+    assert f"| moa_router | {router['overall']:.3f} | 1.000 | {router['overall']:.3f} |" in table
+    assert "| moa_oracle | " in table and "| - | - |" in table
+    assert "4 decided by the hint, 3 decided by the fallback" in capsys.readouterr().out
+    write_jsonl(tmp_path / "bad.jsonl", [dict(ROWS[0], locale="fr-FR")])
+    assert moa_main(["eval", "--model", str(tmp_path / "moa"), "--data", str(tmp_path / "bad.jsonl"), "--output-dir",
+                     str(tmp_path / "out2"), "--no-progress"]) == 2
+    assert "row 0 (id 'j1'): locale 'fr-FR' maps to none of this model's cultures" in capsys.readouterr().err
 
 
 def test_culture_outside_the_model_is_named(models, tmp_path, capsys):

@@ -40,6 +40,8 @@ OPTIONAL_FIELDS = {
     "norm": (lambda v: isinstance(v, str) and v != "", "a non-empty norm id"),
     "cue": (lambda v: isinstance(v, bool), "true or false (whether the prompt carries a cultural cue)"),
     "provenance": (lambda v: isinstance(v, dict), "an object such as {\"query\": ..., \"doc_ids\": [...]}"),
+    "culture_hint": (lambda v: isinstance(v, str) and v != "", "a culture name (run when the router abstains)"),
+    "locale": (lambda v: isinstance(v, str) and v != "", "a language tag such as 'ja-JP' (a culture hint)"),
     "meta": (lambda v: isinstance(v, dict), "an object of free-form extras"),
 }
 

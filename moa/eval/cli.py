@@ -2,7 +2,9 @@
 
 Methods: base (no adapter), prompting (base model, prompt naming the culture), shared_lora (with
 --shared: a run whose only culture is "shared"), moa_oracle (each row's own adapter) and
-moa_router (the router picks). Label tasks are scored by the log-probability of every label as the
+moa_router (the router picks when its probability of its pick is at least --min-router-confidence; below
+it the row's `culture_hint` or `locale` runs, else --fallback-culture or the base model; the abstention
+rate and the accuracy of the abstained rows are their own columns). Label tasks are scored by the log-probability of every label as the
 response; `open` rows count for routing only. Prints a markdown table and writes OUTPUT/results.md,
 OUTPUT/results.json, OUTPUT/accuracy.png, OUTPUT/confusion.png and OUTPUT/routing_by_position.png;
 OUTPUT must be new, empty or an earlier eval output (else --overwrite), checked before the run.
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 
 from moa.errors import UsageError
+from moa.infer.culture_choice import DEFAULT_MIN_CONFIDENCE, check_min_confidence
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="write into an --output-dir that holds other files")
     parser.add_argument("--batch-size", type=int, default=32, help="sequences (rows x labels) per forward")
     parser.add_argument("--max-length", type=int, default=256, help="tokens per sequence (prompt end and response kept)")
+    parser.add_argument("--min-router-confidence", type=float, default=DEFAULT_MIN_CONFIDENCE,
+                        help="moa_router runs the router's pick only when the router gives it at least this probability, "
+                             "else the row's culture hint, else --fallback-culture (default: %(default)s)")
+    parser.add_argument("--fallback-culture", default=None,
+                        help="the culture moa_router runs on a row the router abstains on and that has no hint "
+                             "(default: the base model)")
     parser.add_argument("--limit", type=int, help="evaluate only the first N rows")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -41,13 +50,15 @@ def run(args) -> int:
         raise UsageError(f"--limit must be at least 1, got {args.limit}")
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    check_min_confidence(args.min_router_confidence)
     device = resolve_device(args.device)
     model, tokenizer = load_moa(args.model, device)
     shared = load_moa(args.shared, device)[0] if args.shared else None
     known = list(CULTURES) + [c for c in model.config.cultures if c not in CULTURES]
     rows = load_jsonl(args.data, cultures=known)[:args.limit]
     results = evaluate(model, tokenizer, rows, shared_model=shared, batch_size=args.batch_size,
-                       max_length=args.max_length, progress=not args.no_progress)
+                       max_length=args.max_length, progress=not args.no_progress,
+                       min_router_confidence=args.min_router_confidence, fallback_culture=args.fallback_culture)
     paths = write_report(results, args.output_dir)
     print(format_markdown(results))
     print(f"wrote {', '.join(str(p) for p in paths.values())}")

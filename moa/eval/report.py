@@ -18,7 +18,9 @@ def _table(header: list[str], lines: list[list[str]]) -> list[str]:
 
 
 def format_markdown(results: dict) -> str:
-    """Accuracy per method (overall, per culture, per task), routing accuracy and the routing confusion."""
+    """Accuracy per method (overall, its abstention where the method has one: the rate and the accuracy of the
+    abstained rows, per culture, per task), routing accuracy, what decided moa_router's cultures and the
+    routing confusion."""
     accuracy, cultures = results["accuracy"], results["cultures"]
     out = ["# Evaluation", ""]
     out.append(f"{results['n_rows']} rows: {results['n_label_rows']} of a label task scored for accuracy, "
@@ -28,14 +30,23 @@ def format_markdown(results: dict) -> str:
         counts = next(iter(accuracy.values()))["n_per_culture"]
         shown = [c for c in cultures if c in counts]
         out += ["", "## Label accuracy", ""]
-        out += _table(["method", f"overall (n={next(iter(accuracy.values()))['n']})"] + [f"{c} (n={counts[c]})" for c in shown],
-                      [[m, _cell(a["overall"])] + [_cell(a["per_culture"].get(c)) for c in shown] for m, a in accuracy.items()])
+        out += _table(["method", f"overall (n={next(iter(accuracy.values()))['n']})", "abstained", "abstained accuracy"]
+                      + [f"{c} (n={counts[c]})" for c in shown],
+                      [[m, _cell(a["overall"]), _cell(a.get("abstention", {}).get("rate")),
+                        _cell(a.get("abstention", {}).get("accuracy"))] + [_cell(a["per_culture"].get(c)) for c in shown]
+                       for m, a in accuracy.items()])
+        out += ["", f"`abstained`: the share of rows on which the router's probability of its pick was below "
+                    f"{results['min_router_confidence']:g}, which ran the row's culture hint, else "
+                    f"{results['fallback_culture'] or 'the base model'}; `abstained accuracy`: the accuracy of those rows."]
         tasks = list(next(iter(accuracy.values()))["per_task"])
         out += ["", "### Per task", ""]
         out += _table(["method"] + tasks, [[m] + [_cell(a["per_task"].get(t)) for t in tasks] for m, a in accuracy.items()])
     out += ["", "## Routing", ""]
     out.append(f"Sequence-level routing accuracy (router's culture at the last prompt token vs the row's culture): "
                f"{_cell(results['routing_accuracy'])} over {results['n_rows']} rows.")
+    decided = {name: results["decided_by"].count(name) for name in ("router", "hint", "fallback")}
+    out.append(f"Cultures `moa_router` ran (router's probability threshold {results['min_router_confidence']:g}): "
+               + ", ".join(f"{n} decided by the {name}" for name, n in decided.items()) + ".")
     out += ["", "Confusion (rows: gold culture, columns: routed culture):", ""]
     out += _table(["gold \\ routed"] + cultures, [[c] + [str(v) for v in row] for c, row in zip(cultures, results["confusion"])])
     return "\n".join(out) + "\n"

@@ -9,8 +9,11 @@ Methods:
   prompting    the base model, the prompt prefixed with a sentence naming the row's culture
   shared_lora  one LoRA trained on every culture (a run whose only culture is "shared")
   moa_oracle   MoA with each row's own culture adapter
-  moa_router   MoA with the adapter the router picks for the prompt (its choice at the last prompt
-               token, as `route_sequences` reads it) running the whole row, as a server routes a request
+  moa_router   MoA with the culture `moa serve` runs for an `auto` request (moa.infer.culture_choice.decide):
+               the adapter the router picks for the prompt (its choice at the last prompt token, as
+               `route_sequences` reads it) when its probability is at least `min_router_confidence`, else
+               the row's culture hint (`culture_hint`, else `locale`), else the fallback culture or the base
+               model, running the whole row; the rows below the threshold are its abstained rows
   moa_token    MoA with per-token routing: every token runs the adapter its gates pick (routing='router')
 """
 from __future__ import annotations
@@ -24,6 +27,8 @@ from moa.data import IGNORE_INDEX, LABELS, encode_example, encode_prompt, paddin
 from moa.data.norms import cultures as bundled_cultures
 from moa.data.padding import pad, pad_batch
 from moa.errors import UsageError
+from moa.infer.culture_choice import (DEFAULT_MIN_CONFIDENCE, HintError, check_fallback, check_min_confidence, decide,
+                                      request_hint)
 
 METHODS = ("base", "prompting", "shared_lora", "moa_oracle", "moa_router", "moa_token")
 SHARED_CULTURE = "shared"
@@ -103,18 +108,19 @@ def predict_labels(model, tokenizer, rows: list[dict], culture_ids: list[int] | 
 def route_rows(model, tokenizer, rows: list[dict], batch_size: int, max_length: int, progress: bool = False):
     """The router on each row's formatted prompt (its last `max_length` tokens).
 
-    Returns (culture id per row at its last prompt token, as `route_sequences` reads it,
-    per-position argmax ids: a list per row over its prompt tokens).
+    Returns (culture id per row at its last prompt token, as `route_sequences` reads it, the router's
+    probability of that culture, per-position argmax ids: a list per row over its prompt tokens).
     """
-    sequence_ids, token_ids = [], []
+    sequence_ids, confidences, token_ids = [], [], []
     for start in tqdm(range(0, len(rows), batch_size), desc="route", unit="batch", disable=not progress):
         prompts = [encode_prompt(tokenizer, r["prompt"])[-max_length:] for r in rows[start:start + batch_size]]
         ids, mask = pad_batch(prompts, padding_id(tokenizer), device=model.device)
-        choice = model.route_probs(ids, mask).argmax(-1).tolist()
-        for p, row_choice in zip(prompts, choice):
+        probability, choice = model.route_probs(ids, mask).max(-1)
+        for p, row_choice, row_probability in zip(prompts, choice.tolist(), probability.tolist()):
             token_ids.append(row_choice[:len(p)])
             sequence_ids.append(row_choice[len(p) - 1])
-    return sequence_ids, token_ids
+            confidences.append(row_probability[len(p) - 1])
+    return sequence_ids, confidences, token_ids
 
 
 def _share(hits: list[bool]) -> float | None:
@@ -135,25 +141,43 @@ def accuracy_summary(correct: list[bool], rows: list[dict], cultures: list[str])
     }
 
 
-def check_rows(rows: list[dict], cultures: list[str]) -> None:
-    """Every row's culture must be one of the model's; raises ValueError naming the first bad one."""
+def check_rows(rows: list[dict], cultures: list[str]) -> list[str | None]:
+    """Every row's culture must be one of the model's, and its culture hint (`culture_hint`, `locale`) one the
+    model can run; returns the hints (a culture or None per row), raises UsageError naming the first bad row."""
     if not rows:
         raise UsageError("no rows to evaluate")
+    hints = []
     for i, row in enumerate(rows):
+        where = f"row {i}" + (f" (id {row['id']!r})" if "id" in row else "")
         if row["culture"] not in cultures:
-            where = f"row {i}" + (f" (id {row['id']!r})" if "id" in row else "")
             count = sum(r["culture"] not in cultures for r in rows)
             raise UsageError(f"{where} has culture {row['culture']!r}, which is not one of the model's cultures "
                              f"{cultures} ({count} row(s) with cultures outside the model)")
+        try:
+            hints.append(request_hint(cultures, row.get("culture_hint"), row.get("locale")))
+        except HintError as e:
+            raise UsageError(f"{where}: {e}") from None
+    return hints
+
+
+def abstention_summary(correct: list[bool], abstained: list[bool]) -> dict:
+    """How often the router abstained (`rate` of the rows, `n`) and the accuracy of the rows it abstained on."""
+    hits = [ok for ok, out in zip(correct, abstained) if out]
+    return {"rate": _share(abstained), "n": len(hits), "accuracy": _share(hits)}
 
 
 def evaluate(model, tokenizer, rows: list[dict], shared_model=None, batch_size: int = 32, max_length: int = 256,
-             progress: bool = False, methods: tuple = METHODS) -> dict:
-    """Label accuracy of every method of `methods`, the router's culture per row (`routed`), routing
-    accuracy, routing by position and routing confusion.
+             progress: bool = False, methods: tuple = METHODS, min_router_confidence: float = DEFAULT_MIN_CONFIDENCE,
+             fallback_culture: str | None = None) -> dict:
+    """Label accuracy of every method of `methods`, the router's culture per row (`routed`) and its
+    probability (`router_confidence`), what decided `moa_router`'s culture per row (`decided_by`),
+    routing accuracy, routing by position and routing confusion.
 
-    rows: dicts as from `moa.data.load_jsonl`; `open` rows count for routing only. shared_model:
-    a MoA model whose only culture is "shared" (the `shared_lora` baseline, left out when None).
+    rows: dicts as from `moa.data.load_jsonl`; `open` rows count for routing only; a row's `culture_hint` or
+    `locale` is its hint. shared_model: a MoA model whose only culture is "shared" (the `shared_lora`
+    baseline, left out when None). `moa_router` runs the router's pick when its probability is at least
+    `min_router_confidence`, else the row's hint, else `fallback_culture` (None: the base model); its
+    accuracy entry adds `abstention` (rate, n and accuracy of the label rows below the threshold).
     The models are put in eval mode.
     """
     if batch_size < 1:
@@ -162,7 +186,9 @@ def evaluate(model, tokenizer, rows: list[dict], shared_model=None, batch_size: 
     if unknown:
         raise UsageError(f"unknown methods {unknown}: expected a subset of {METHODS}")
     cultures = list(model.config.cultures)
-    check_rows(rows, cultures)
+    check_min_confidence(min_router_confidence, "min_router_confidence")
+    check_fallback(fallback_culture, cultures)
+    hints = check_rows(rows, cultures)
     if shared_model is not None and list(shared_model.config.cultures) != [SHARED_CULTURE]:
         raise UsageError(f"the shared LoRA model must have exactly one culture named {SHARED_CULTURE!r}, "
                          f"got {list(shared_model.config.cultures)}")
@@ -170,18 +196,20 @@ def evaluate(model, tokenizer, rows: list[dict], shared_model=None, batch_size: 
         if m is not None:
             m.eval()
 
-    routed, by_token = route_rows(model, tokenizer, rows, batch_size, max_length, progress)
+    routed, confidence, by_token = route_rows(model, tokenizer, rows, batch_size, max_length, progress)
+    decisions = [decide(cultures[c], p, hint, min_router_confidence, fallback_culture)
+                 for c, p, hint in zip(routed, confidence, hints)]
     label_index = [i for i, r in enumerate(rows) if r["task"] in LABELS]
     label_rows = [rows[i] for i in label_index]
     gold = [r.get("label", r["response"]) for r in label_rows]
     gold_ids = [cultures.index(r["culture"]) for r in label_rows]
-    routed_ids = [routed[i] for i in label_index]
+    routed_ids = [-1 if decisions[i].culture is None else cultures.index(decisions[i].culture) for i in label_index]
     runs = {
         "base": (model, [-1] * len(label_rows), "oracle", False),
         "prompting": (model, [-1] * len(label_rows), "oracle", True),
         "shared_lora": (shared_model, [0] * len(label_rows), "oracle", False),
         "moa_oracle": (model, gold_ids, "oracle", False),
-        "moa_router": (model, routed_ids, "oracle", False),  # the adapter the router picks for the prompt
+        "moa_router": (model, routed_ids, "oracle", False),  # the router's pick, else the hint, else the fallback
         "moa_token": (model, None, "router", False),  # the adapter the gates pick, token by token
     }
     accuracy, predictions = {}, {}
@@ -192,6 +220,9 @@ def evaluate(model, tokenizer, rows: list[dict], shared_model=None, batch_size: 
                                       prompting=prompting, progress=progress, desc=method)
         predictions[method] = predicted
         accuracy[method] = accuracy_summary([p == g for p, g in zip(predicted, gold)], label_rows, cultures)
+        if method == "moa_router":
+            abstained = [decisions[i].decided_by != "router" for i in label_index]
+            accuracy[method]["abstention"] = abstention_summary([p == g for p, g in zip(predicted, gold)], abstained)
 
     row_ids = [cultures.index(r["culture"]) for r in rows]
     confusion = [[0] * len(cultures) for _ in cultures]
@@ -207,6 +238,10 @@ def evaluate(model, tokenizer, rows: list[dict], shared_model=None, batch_size: 
         "accuracy": accuracy,
         "predictions": predictions,
         "routed": routed,
+        "router_confidence": confidence,
+        "decided_by": [d.decided_by for d in decisions],
+        "min_router_confidence": min_router_confidence,
+        "fallback_culture": fallback_culture,
         "routing_accuracy": sum(g == p for g, p in zip(row_ids, routed)) / len(rows),
         "routing_by_position": {"accuracy": [h / c for h, c in zip(hits, counts)], "count": counts},
         "confusion": confusion,
