@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass
 
 from moa.errors import UsageError
+from moa.infer.sampling import short
 
 DEFAULT_MIN_CONFIDENCE = 0.5  # see README "When the prompt names no culture" for the measurements behind it
 DECIDERS = ("router", "hint", "fallback", "request")
@@ -79,7 +80,7 @@ def culture_for_locale(locale: str, table: dict[str, str]) -> str | None:
     """The culture a locale names through `table`: its region if it has one in the table, else its language;
     None when neither is there. ValueError when `locale` is not a language tag."""
     if not isinstance(locale, str) or not LANGUAGE_TAG.match(locale):
-        raise ValueError(f"{_short(locale)} is not a language tag: expected e.g. 'ja-JP', 'pt-BR' or 'de'")
+        raise ValueError(f"{short(locale)} is not a language tag: expected e.g. 'ja-JP', 'pt-BR' or 'de'")
     language, *subtags = re.split(r"[-_]", locale)
     for region in (s.upper() for s in subtags if len(s) == 2 or s.isdigit()):
         if region in table:
@@ -100,11 +101,11 @@ def accept_language_culture(header: str, table: dict[str, str]) -> str | None:
         if params:
             match = QVALUE.fullmatch(params)
             if match is None:
-                raise ValueError(f"Accept-Language range {_short(item)}: expected 'tag' or 'tag;q=0.5' (q from 0 to 1)")
+                raise ValueError(f"Accept-Language range {short(item)}: expected 'tag' or 'tag;q=0.5' (q from 0 to 1)")
             q = float(match.group(1))
         tag = tag.strip()
         if tag != "*" and not LANGUAGE_TAG.match(tag):
-            raise ValueError(f"Accept-Language range {_short(item)}: not a language tag (e.g. 'ja-JP', 'de')")
+            raise ValueError(f"Accept-Language range {short(item)}: not a language tag (e.g. 'ja-JP', 'de')")
         if q > 0 and tag != "*":
             ranges.append((-q, position, tag))
     for _, _, tag in sorted(ranges):
@@ -130,7 +131,7 @@ def request_hint(cultures: list[str], culture_hint: str | None = None, locale: s
     not one of `cultures`, a locale that is not a language tag or maps to none of them, a malformed header."""
     table = locale_table(cultures)
     if culture_hint is not None and culture_hint not in cultures:
-        raise HintError("culture_hint", f"unknown culture hint {_short(culture_hint)}: expected one of {list(cultures)}")
+        raise HintError("culture_hint", f"unknown culture hint {short(culture_hint)}: expected one of {list(cultures)}")
     from_locale = None
     if locale is not None:
         try:
@@ -138,7 +139,7 @@ def request_hint(cultures: list[str], culture_hint: str | None = None, locale: s
         except ValueError as e:
             raise HintError("locale", f"locale {e}") from None
         if from_locale is None:
-            raise HintError("locale", f"locale {_short(locale)} maps to none of this model's cultures {list(cultures)}: "
+            raise HintError("locale", f"locale {short(locale)} maps to none of this model's cultures {list(cultures)}: "
                                       f"the locales it maps are {sorted(table)}")
     from_header = None
     if accept_language is not None:
@@ -155,8 +156,3 @@ def check_fallback(fallback: str | None, cultures: list[str]) -> str | None:
         raise UsageError(f"--fallback-culture {fallback!r} is not one of the model's cultures {list(cultures)} "
                          "(leave it out to fall back to the base model)")
     return fallback
-
-
-def _short(value, limit: int = 60) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
