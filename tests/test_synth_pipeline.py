@@ -97,6 +97,27 @@ def test_cues_and_cue_free_prompts(small_run):
         assert has_cue == r["cue"], r["prompt"]
 
 
+def test_a_prompt_without_its_cue_reads_like_a_cue_free_prompt(small_run):
+    """`without_cue` takes the cue out of every cued prompt the offline backend writes (the cue-free twin of a
+    test question) and leaves the rest of the prompt, and cue-free prompts, as they are."""
+    from moa.synth.offline import without_cue
+
+    _, _, files = small_run
+    stage2 = [r for name, rows in files.items() if name.startswith("stage2") for r in rows]
+    for r in stage2:
+        twin = without_cue(r["prompt"], r["culture"])
+        c = norms.cultures()[r["culture"]]
+        assert not norms.cultures_mentioned(twin) and not any(re.search(rf"\b{name}\b", twin) for name in c.names)
+        if not r["cue"]:
+            assert twin == r["prompt"]
+        else:
+            assert twin != r["prompt"] and r["prompt"].endswith(twin.removeprefix("Someone "))
+    assert without_cue("In Osaka, Kenji bows. Is this appropriate by local custom? Answer yes or no.", "japan") == \
+        "Someone bows. Is this appropriate by local custom? Answer yes or no."
+    with pytest.raises(ValueError, match="still names"):
+        without_cue("Which gift suits a host in Osaka?", "japan")
+
+
 def test_test_split_holds_out_whole_norms(small_run):
     _, summary, files = small_run
     test_norms = {r["norm"] for r in files["stage2_test.jsonl"]}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 
 from moa.data import norms
 from moa.errors import UsageError
@@ -30,6 +31,24 @@ QUESTION_CUES = {"country": "In {country}: ", "place": "In {place}: ", "name": "
 SCENARIO_CUES = {"country": "In {country}, someone {act}.", "place": "In {place}, someone {act}.",
                  "name": "{name} {act}.", "name_place": "In {place}, {name} {act}."}
 CUE_FREE_SCENARIOS = ("Someone {act}.", "A person {act}.", "A guest {act}.")
+
+
+def without_cue(prompt: str, culture: str) -> str:
+    """A prompt this backend wrote for `culture`, with its cultural cue taken out: a question's cue prefix
+    (`In Osaka: `, `Kenji asks: `) dropped, a scenario's cued opening (`In Osaka, Kenji `) replaced by `Someone `, as
+    a cue-free scenario reads. A prompt without a cue comes back as it is. ValueError when a cue is left."""
+    c = norms.cultures()[culture]
+    values = [{"country": c.name, "place": place, "name": name} for place in c.places for name in c.names]
+    openings = {template.format(**v): "" for template in QUESTION_CUES.values() for v in values}
+    openings |= {template.split("{act}")[0].format(**v): "Someone " for template in SCENARIO_CUES.values() for v in values}
+    for opening in sorted(openings, key=len, reverse=True):
+        if prompt.startswith(opening):
+            prompt = openings[opening] + prompt[len(opening):]
+            break
+    left = norms.cultures_mentioned(prompt) | {name for name in c.names if re.search(rf"\b{re.escape(name)}\b", prompt)}
+    if left:
+        raise ValueError(f"the prompt still names {sorted(left)} after its cue was taken out: {prompt[:80]!r}")
+    return prompt
 
 
 def _seeded(*parts) -> random.Random:
