@@ -6,8 +6,8 @@ Endpoints: `GET /v1/models` and `/v1/models/{id}` (every culture, `auto` and `ba
 /detokenize`, `GET /version`, and the open `GET /health` and `GET /metrics` (Prometheus text). A
 request's `model` picks its culture (`auto`: moa.infer.culture_choice's rule, the request's hint from its
 `moa` field or Accept-Language header); every response, and each choice's first chunk of a stream,
-carries `"moa": {"culture", "router_confidence", "decided_by"}`. Bodies are parsed in moa/serve/openai_protocol.py;
-a bad request gets a 4xx with an OpenAI-style error body naming the field, a full engine queue 429
+carries `"moa": {"culture", "router_confidence", "decided_by"}`. Bodies are parsed in
+moa/serve/openai_protocol.py; a bad request gets a 4xx with an OpenAI-style error body naming the field, a full engine queue 429
 with Retry-After, anything unexpected a JSON 500 (never plain text). The engine calls back from its
 own thread; each request's events cross into the event loop through `loop.call_soon_threadsafe` onto
 one asyncio queue per HTTP request. Tokenizing runs on a worker thread, off the event loop.

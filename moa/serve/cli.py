@@ -7,9 +7,9 @@ Usage: moa serve --model RUN_DIR [--host 127.0.0.1] [--port 8000] [--max-batch-s
 /v1/completions and /v1/chat/completions, batched continuously by one engine. `auto` runs the router's
 pick when its confidence is at least --min-router-confidence, else the request's culture hint (the
 body's `moa: {"culture_hint"}` or `{"locale"}`, else its Accept-Language header), else
---fallback-culture (default: the base model); /health and /metrics (Prometheus). With --upstream URL only the router runs
-here: each request's culture is decided by the same rule (a request naming a culture keeps it) and the request is forwarded
-to URL, an OpenAI-compatible server that serves each culture under its name (vLLM with --lora-modules
+--fallback-culture (default: the base model); /health and /metrics (Prometheus). With --upstream URL only
+the router runs here: each request's culture is decided by the same rule (a request naming a culture
+keeps it) and the request is forwarded to URL, an OpenAI-compatible server that serves each culture under its name (vLLM with --lora-modules
 from `moa export --format vllm`, or another `moa serve`). --port 0 picks a free port. The address is
 printed once the server accepts connections. SIGTERM: no new connections, requests in flight finish
 within --shutdown-timeout (those still running then end with an error, a stream with an error event

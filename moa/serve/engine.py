@@ -17,10 +17,11 @@ Interface (what the HTTP app uses):
     hold: the smallest of the model's context, max_cache_tokens / max_batch_size and max_model_len)
 `on_event(Event)` is called from the engine thread, in order: one "routed" (culture: a culture name or
 "base"; router_confidence: the router's sequence-level probability of its pick for the prompt;
-decided_by: what chose the culture, see below; prompt_logprobs where asked), one "token" per new token (token_id, text: the new text, held back while
-it may begin a stop string or ends in a partial character; offset: where the token's text starts in
-the output; logprob and top where asked), then one "done" (finish_reason "stop" | "length" |
-"cancelled" | "error", message for "error"). It must be cheap and must not block.
+decided_by: what chose the culture, see below; prompt_logprobs where asked), one "token" per new token
+(token_id, text: the new text, held back while it may begin a stop string or ends in a partial
+character; offset: where the token's text starts in the output; logprob and top where asked), then one
+"done" (finish_reason "stop" | "length" | "cancelled" | "error", message for "error"). It must be
+cheap and must not block.
 
 The parts: the scheduler (moa/serve/scheduler.py) decides what each step prefills and holds the
 running batch's KV slab (moa/serve/kv_slab.py); the sampler (moa/serve/sampler.py) picks every row's
@@ -38,7 +39,8 @@ the new one (a request naming a culture the new run lacks ends with an error).
 An "auto" request's culture is decided by moa.infer.culture_choice.decide: the router's pick for the prompt
 (`model.route_sequences`, which reads only the embeddings) when its confidence is at least
 `min_router_confidence` (decided_by "router"), else the request's culture hint ("hint"), else
-`fallback_culture` (None: the base model; "fallback"); a request naming its culture or "base" says "request". A failure while prefilling, sampling or detokenizing ends only the requests it touched,
+`fallback_culture` (None: the base model; "fallback"); a request naming its culture or "base" says
+"request". A failure while prefilling, sampling or detokenizing ends only the requests it touched,
 with an "error" event, a log line and a count in `moa_request_failures_total`; a failed decode
 forward ends the rows it ran; the engine goes on.
 """

@@ -108,8 +108,9 @@ def culture_hint(body: dict, cultures: list[str], accept_language: str | None) -
     try:
         return request_hint(cultures, moa.get("culture_hint"), moa.get("locale"), accept_language)
     except HintError as e:
-        param = "Accept-Language" if e.param == "accept_language" else f"moa.{e.param}"
-        raise ApiError(400, f"'{param}': {e}", param=param) from None
+        if e.param == "accept_language":  # the message names the header
+            raise ApiError(400, str(e), param="Accept-Language") from None
+        raise ApiError(400, f"'moa.{e.param}': {e}", param=f"moa.{e.param}") from None
 
 
 def _refuse_unknown(body: dict, known: frozenset) -> None:
