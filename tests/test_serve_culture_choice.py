@@ -154,3 +154,13 @@ def test_front_applies_the_same_rule_and_forwards_the_decided_culture(front, ser
     assert (moa["culture"], moa["decided_by"], text) == ("nigeria", "hint", chat(server, "nigeria")[0])
     text, moa = chat(front, "japan", moa={"locale": "en-IN"})
     assert moa == {"culture": "japan", "router_confidence": None, "decided_by": "request"}
+
+
+def test_the_settings_are_checked_before_serving(run_dir, capsys):
+    from moa.cli import main
+
+    for flags, text in ((["--min-router-confidence", "1.5"], "--min-router-confidence must be within [0, 1]"),
+                        (["--fallback-culture", "france"], f"--fallback-culture 'france' is not one of the model's cultures {CULTURES}"),
+                        (["--fallback-culture", "france", "--upstream", "http://127.0.0.1:9"], "--fallback-culture 'france'")):
+        assert main(["serve", "--model", str(run_dir), "--port", "0", *flags]) == 2
+        assert text in capsys.readouterr().err
