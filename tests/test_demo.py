@@ -73,10 +73,20 @@ def test_demo_quick_end_to_end(quick_demo):
     assert set(held["accuracy"]) == set(METHODS)
     assert held["n_rows"] == sum(r.get("norm") in held["norms"] for r in rows)
     assert held["n_label_rows"] == sum(r.get("norm") in held["norms"] for r in label_rows) > 0
+    # the cue-free split: every cued test row with its cue taken out, and the router's abstention on both splits
+    block = results["no_culture"]
+    cued = [i for i, r in enumerate(rows) if r.get("cue", True)]
+    assert block["n_cued"] == len(cued) and block["n_cue_free"] == len(cued)
+    confidence = [results["router_confidence"][i] for i in cued]
+    assert block["abstained_cued"] == pytest.approx(sum(c < block["min_router_confidence"] for c in confidence) / len(cued))
+    assert block["abstained_by_threshold"][f"{block['min_router_confidence']:.1f}"]["cued"] == pytest.approx(block["abstained_cued"])
+    assert 0 <= block["ece_cued"] <= 1 and set(block["conflicting_cue_free"]) == {"base", "moa_oracle", "moa_router",
+                                                                                    "moa_router_hint"}
+    assert "When the prompt names no culture" in printed
     for name in ["data/stage2_test.jsonl", "base/model.safetensors", "base/tokenizer.json", "pretrain/texts.jsonl",
                  "pretrain/metrics.jsonl", "moa/final/moa_adapters.safetensors",
                  "shared/final/moa_adapters.safetensors", "results.md", "accuracy.png", "confusion.png", "pretrain.png",
-                 "moa/metrics.png", "shared/metrics.png", "generations.jsonl"]:
+                 "reliability.png", "moa/metrics.png", "shared/metrics.png", "generations.jsonl"]:
         assert (out / name).is_file(), name
     generations = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert len({g["culture"] for g in generations}) == len(generations) > 1

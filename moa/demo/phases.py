@@ -13,6 +13,7 @@ from typing import Callable
 from .analytics import cued, generation_rows, held_out_conflicting, routing_on, two_stage_block
 from .config import DemoConfig
 from .grow import add_cultures
+from .no_culture import no_culture_block
 from .pretrain import pretrain as pretrain_base
 from .report import plot_pretrain
 from .train import stage2_only, train, train_config
@@ -96,7 +97,8 @@ def shared(run: DemoRun) -> None:
 
 
 def evaluate(run: DemoRun) -> None:
-    """Every method on the test split: moa.eval's results, the routing of the cued rows and the conflicting norms."""
+    """Every method on the test split: moa.eval's results, the routing of the cued rows, the conflicting norms, and
+    the cue-free split (moa.demo.no_culture: abstention, calibration, hints)."""
     from moa.base_model import load_moa
     from moa.data import load_jsonl
     from moa.eval import METHODS
@@ -105,6 +107,7 @@ def evaluate(run: DemoRun) -> None:
     results = run.evaluate(run.runs["moa"], run.rows, methods=METHODS, shared_model=load_moa(run.runs["shared"])[0])
     results["routing_accuracy_cued"], results["n_rows_cued"] = routing_on(results, run.rows, cued)
     results["held_out_conflicting"] = held_out_conflicting(results, run.rows)
+    results["no_culture"] = no_culture_block(run, results)
     run.results = results
 
 

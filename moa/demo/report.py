@@ -1,4 +1,4 @@
-"""What the demo prints and writes besides moa.eval's report: the conflicting-norm, two-stage and growth tables,
+"""What the demo prints and writes besides moa.eval's report: the conflicting-norm, cue-free, two-stage and growth tables,
 the pre-training curve, OUT/grow.{json,md} and the closing summary."""
 from __future__ import annotations
 
@@ -65,6 +65,26 @@ def format_grow(block: dict) -> str:
     return "\n".join(lines)
 
 
+def format_no_culture(block: dict) -> str:
+    """The cue-free split's block in markdown: abstention on cue-free and cued prompts, calibration, and the
+    conflicting questions without a cue."""
+    acc = block["conflicting_cue_free"]
+    t = block["min_router_confidence"]
+    lines = ["| prompts | n | abstained (%) | routed right (%) |", "|---|---|---|---|",
+             f"| cue-free (the cued test prompts, cue taken out) | {block['n_cue_free']} | "
+             f"{_pct(block['abstained_cue_free'])} | - |",
+             f"| cued | {block['n_cued']} | {_pct(block['abstained_cued'])} | {_pct(block['routing_accuracy_cued'])} |",
+             "", f"At the threshold {t:g} (`--min-router-confidence`). Expected calibration error of the router's "
+                 f"confidence on cued prompts: {block['ece_cued']:.3f} (reliability diagram: reliability.png). "
+                 f"Abstained share by threshold, cue-free / cued: "
+             + ", ".join(f"{k}: {_pct(v['cue_free'])} / {_pct(v['cued'])}" for k, v in block["abstained_by_threshold"].items())
+             + ".", "",
+             f"Conflicting-norm questions without a cue (n={block['n_conflicting_cue_free']}), label accuracy (%): "
+             f"moa_router with the row's culture as its hint {_pct(acc['moa_router_hint'])}, moa_oracle "
+             f"{_pct(acc['moa_oracle'])}; moa_router with no hint {_pct(acc['moa_router'])}, base {_pct(acc['base'])}."]
+    return "\n".join(lines)
+
+
 def write_grow(block: dict, out: Path) -> dict:
     """OUT/grow.json and OUT/grow.md; returns their paths."""
     paths = {"json": out / "grow.json", "markdown": out / "grow.md"}
@@ -107,6 +127,11 @@ def print_summary(results: dict, generations: list[dict], paths: dict, out: Path
           f"(cue-free prompts name no culture).")
     print(f"Router sequence-level accuracy on the whole test split: {_pct(results['routing_accuracy_cued'])}% on the "
           f"{results['n_rows_cued']} cued rows, {_pct(results['routing_accuracy'])}% on all {results['n_rows']} rows.")
+    if "no_culture" in results:
+        print()
+        print("## When the prompt names no culture")
+        print()
+        print(format_no_culture(results["no_culture"]))
     if "two_stage" in results:
         print()
         print("## Two-stage adaptation: stage 1 (broad) then stage 2 (tasks) against stage 2 alone, same total steps")
@@ -126,7 +151,8 @@ def print_summary(results: dict, generations: list[dict], paths: dict, out: Path
         print(f"    model:     {g['text'].strip()}")
         print(f"    reference: {g['reference']}")
     print()
-    plots = [paths.get("accuracy"), paths.get("confusion"), paths.get("routing_by_position"), out / "moa" / "metrics.png",
+    plots = [paths.get("accuracy"), paths.get("confusion"), paths.get("routing_by_position"), out / "reliability.png",
+             out / "moa" / "metrics.png",
              out / "shared" / "metrics.png", out / "pretrain.png", out / "data" / "summary.png"]
     print("Plots: " + ", ".join(str(p) for p in plots if p is not None))
     print(f"Results: {paths['json']}, {paths['markdown']}"
