@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 
 from moa.errors import UsageError
-from moa.infer.culture_choice import DEFAULT_MIN_CONFIDENCE, check_min_confidence
+from moa.infer import culture_choice
+from moa.infer.culture_choice import check_min_confidence
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,12 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="write into an --output-dir that holds other files")
     parser.add_argument("--batch-size", type=int, default=32, help="sequences (rows x labels) per forward")
     parser.add_argument("--max-length", type=int, default=256, help="tokens per sequence (prompt end and response kept)")
-    parser.add_argument("--min-router-confidence", type=float, default=DEFAULT_MIN_CONFIDENCE,
-                        help="moa_router runs the router's pick only when the router gives it at least this probability, "
-                             "else the row's culture hint, else --fallback-culture (default: %(default)s)")
-    parser.add_argument("--fallback-culture", default=None,
-                        help="the culture moa_router runs on a row the router abstains on and that has no hint "
-                             "(default: the base model)")
+    culture_choice.add_arguments(parser, "moa_router, on a row,")
     parser.add_argument("--limit", type=int, help="evaluate only the first N rows")
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")

@@ -23,6 +23,7 @@ import argparse
 import time
 
 from moa.errors import UsageError
+from moa.infer import culture_choice
 from moa.infer.culture_choice import DEFAULT_MIN_CONFIDENCE
 
 
@@ -35,13 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--routing", default="prompt", choices=["prompt", "router", "oracle", "topk"],
                         help="'prompt': the router's pick for the prompt runs the whole row; 'oracle': each row's given "
                              "culture; 'router': the gate's top-1 per token; 'topk': mix of the top-k")
-    parser.add_argument("--min-router-confidence", type=float, default=None,
-                        help="with --routing prompt: the router's pick runs a row only when the router gives it at least "
-                             f"this probability, else the row's culture hint, else --fallback-culture (default: "
-                             f"{DEFAULT_MIN_CONFIDENCE})")
-    parser.add_argument("--fallback-culture", default=None,
-                        help="with --routing prompt: the culture a row runs when the router abstains and the row has no hint "
-                             "(default: the base model, no adapter)")
+    culture_choice.add_arguments(parser, "with --routing prompt, a row", default=None)
     parser.add_argument("--top-k", type=int, default=None, help="adapters mixed per token under --routing topk (default: the run's top_k)")
     parser.add_argument("--batch-size", type=int, default=16, help="rows per generate call")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="new tokens per row at most")

@@ -38,6 +38,16 @@ class CultureDecision:
                 "decided_by": self.decided_by}
 
 
+def add_arguments(parser, who: str, default: float | None = DEFAULT_MIN_CONFIDENCE) -> None:
+    """--min-router-confidence and --fallback-culture on a CLI whose `who` ("an `auto` request") the rule decides."""
+    parser.add_argument("--min-router-confidence", type=float, default=default,
+                        help=f"{who} runs the router's pick only when the router gives it at least this probability, "
+                             f"else its culture hint, else --fallback-culture (default: {DEFAULT_MIN_CONFIDENCE})")
+    parser.add_argument("--fallback-culture", default=None,
+                        help=f"the culture {who} runs when the router abstains and there is no hint (default: the base "
+                             f"model, no adapter)")
+
+
 def check_min_confidence(value: float, name: str = "--min-router-confidence") -> float:
     if not 0.0 <= value <= 1.0:
         raise UsageError(f"{name} must be within [0, 1] (a probability), got {value}")

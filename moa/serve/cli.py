@@ -30,7 +30,8 @@ import signal
 import socket
 
 from moa.errors import UsageError
-from moa.infer.culture_choice import DEFAULT_MIN_CONFIDENCE, check_fallback, check_min_confidence
+from moa.infer import culture_choice
+from moa.infer.culture_choice import check_fallback, check_min_confidence
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,12 +63,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "default: the engine's (65536)")
     parser.add_argument("--max-queue", type=int, default=None,
                         help="requests waiting for a slot at most; past it the server answers 429; default: the engine's")
-    parser.add_argument("--min-router-confidence", type=float, default=DEFAULT_MIN_CONFIDENCE,
-                        help="an `auto` request runs the router's pick only when the router gives it at least this probability; "
-                             "below it the request's culture hint runs, else --fallback-culture (default: %(default)s)")
-    parser.add_argument("--fallback-culture", default=None,
-                        help="the culture an `auto` request runs when the router abstains and the request has no hint "
-                             "(default: the base model, no adapter)")
+    culture_choice.add_arguments(parser, "an `auto` request")
     parser.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds requests in flight get to finish after SIGTERM")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted (larger: 413)")
 
