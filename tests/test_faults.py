@@ -225,7 +225,7 @@ def test_unknown_prompt_keys_are_refused(run_dir, tmp_path, capsys):
     code, err = moa_cli(capsys, "generate", "--model", run_dir / "final", "--prompts", prompts, "--output",
                         tmp_path / "out.jsonl")
     assert code == 2
-    assert f"{prompts}:2: unknown keys ['cultre', 'top_p']: expected only ['prompt', 'culture', 'id']" in err
+    assert f"{prompts}:2: unknown keys ['cultre', 'top_p']: expected only ['prompt', 'culture', 'id', 'culture_hint', 'locale']" in err
 
 
 def test_a_prompt_longer_than_the_context_is_refused_or_truncated(run_dir, tmp_path, capsys):
