@@ -52,11 +52,13 @@ setup(
         "openai>=3.57,<4",  # moa synth: the OpenAI-compatible backend (AsyncOpenAI, retries, the Batch API)
     ],
     # One extra per experiment tracker (`report_to` in the training config); dev installs them all to test them.
-    extras_require={"dev": ["pytest>=8.2,<10", "lm-eval[api]>=0.4.13,<1", "tensorboard>=2.21,<3", "wandb>=0.31,<1",
+    extras_require={"test": ["pytest>=8.2,<10", "lm-eval[api]>=0.4.13,<1"],
+                    "dev": ["pytest>=8.2,<10", "lm-eval[api]>=0.4.13,<1", "tensorboard>=2.21,<3", "wandb>=0.31,<1",
                             "mlflow-skinny>=3.18,<4", "trackio>=0.43,<1"],
                     "tensorboard": ["tensorboard>=2.21,<3"],
                     "wandb": ["wandb>=0.31,<1"],
                     "mlflow": ["mlflow-skinny>=3.18,<4"],  # the client and its file store, without the server
+                    # trackio needs huggingface_hub >= 1.10, which transformers < 5 excludes
                     "trackio": ["trackio>=0.43,<1"]},
     entry_points={"console_scripts": ["moa=moa.cli:main"]},
 )
