@@ -391,3 +391,44 @@ def test_a_failing_prefill_or_consumer_ends_only_its_own_request(model, tokenize
     assert got.finish("consumer") == "cancelled"
     assert got.finish("running") == "length" and len(got.tokens("running")) == 30
     assert engine.stats()["failures"] == {"prefill": 1}
+
+
+def test_requests_waiting_through_a_switch_resolve_against_the_new_run(model, tokenizer):
+    """A request that waits while the engine switches runs is resolved against the new run's cultures: one naming a
+    culture the new run lacks, or an `auto` one whose hint it lacks, ends with an error naming that culture; the
+    others run on the new run. A run without the server's fallback culture is refused before anything changes."""
+    new = moa.MoAForCausalLM.from_base(fresh_base(**TINY), moa.MoAConfig(cultures=["india", "nigeria", "egypt"], r=4,
+                                                                         alpha=8)).eval()
+    randomize_adapters(new, std=0.2, seed=2)
+    engine = Engine(model, tokenizer, max_batch_size=1, min_router_confidence=1.0, fallback_culture="nigeria")
+    no_fallback = moa.MoAForCausalLM.from_base(fresh_base(**TINY), moa.MoAConfig(cultures=["japan", "india"], r=4,
+                                                                                 alpha=8)).eval()
+    with pytest.raises(ValueError, match="no culture 'nigeria', the fallback culture this server runs with"):
+        engine.switch(no_fallback)
+    assert engine.cultures == CULTURES
+    engine.start()
+    got = Collector()
+    prompt = encode_prompt(tokenizer, PROMPTS[1])
+    engine.submit(Request(prompt, "japan", greedy(60, logit_bias=((tokenizer.eos_token_id, -100.0),))), got.callback("running"))
+    while not got.tokens("running"):
+        time.sleep(0.001)
+    switcher = threading.Thread(target=engine.switch, args=(new,))
+    switcher.start()
+    while not engine.switching:
+        time.sleep(0.001)
+    waiting = {"named": Request(prompt, "japan", greedy(4)), "hinted": Request(prompt, "auto", greedy(4), hint="japan"),
+               "kept": Request(prompt, "auto", greedy(4), hint="india"), "plain": Request(prompt, "auto", greedy(4))}
+    for key, request in waiting.items():
+        engine.submit(request, got.callback(key))
+    switcher.join(60)
+    got.wait()
+    assert engine.shutdown(10)
+    assert engine.cultures == ["india", "nigeria", "egypt"]
+    assert got.finish("running") == "length" and len(got.tokens("running")) == 60  # finished on the old run
+    for key in ("named", "hinted"):
+        assert got.finish(key) == "error"
+        assert "the server switched to a run without culture 'japan'" in got.events[key][-1].message
+    routed = {key: (got.routed(key).culture, got.routed(key).decided_by) for key in ("kept", "plain")}
+    assert routed == {"kept": ("india", "hint"), "plain": ("nigeria", "fallback")}
+    alone, _ = run_alone(new, tokenizer, Request(prompt, "india", greedy(4)))
+    assert got.tokens("kept") == alone  # ran on the new run's india adapter

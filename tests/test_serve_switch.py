@@ -94,3 +94,22 @@ def test_switch_drains_streams_on_their_weights_and_serves_the_new_run(runs, tmp
         assert server.metrics().get('moa_finished_requests_total{reason="error"}', 0) == 0
     finally:
         server.close()
+
+
+def test_a_run_without_the_fallback_culture_is_refused(runs, tmp_path):
+    """A server started with --fallback-culture refuses to switch to a run lacking that culture (409 naming it) and
+    keeps serving its run; requests the router abstains on still run the fallback culture."""
+    server = Server(tmp_path, "--model", runs["new"], "--api-key", KEY, "--fallback-culture", "egypt",
+                    "--min-router-confidence", "1", api_key=KEY)
+    try:
+        status, _, raw = server.request("POST", "/admin/switch", {"model": str(runs["old"])})
+        error = json.loads(raw)["error"]
+        assert status == 409 and error["code"] == "incompatible_run", raw
+        assert "no culture 'egypt', the fallback culture this server runs with" in error["message"]
+        assert [m.id for m in server.client.models.list().data] == NEW + ["auto", "base"]
+        response = server.client.completions.create(model="auto", prompt=LONG, max_tokens=5, temperature=0)
+        assert response.model_extra["moa"]["culture"] == "egypt"
+        assert response.model_extra["moa"]["decided_by"] == "fallback"
+        assert response.choices[0].text == complete(server, "egypt", 5)
+    finally:
+        server.close()
