@@ -1,7 +1,7 @@
 """Packaging for moa, distributed as `moa-cultures` (the name `moa` on PyPI is an unrelated 2014 tool); the import
-package and the command are `moa`. `kernels/` and `training/` install as `moa.kernels` and `moa.training`; `configs/` as
-`moa.configs` and the tiny training set `data/tiny/` as `moa/data/tiny/`, the same layout relative to each other
-as in the repository, so the relative paths inside the configs hold in an installed copy (see moa/resources.py)."""
+package and the command are `moa`. `configs/` installs as `moa.configs` and the tiny training set `data/tiny/` as
+`moa/data/tiny/`, the same layout relative to each other as in the repository, so the relative paths inside the
+configs hold in an installed copy (see moa/resources.py)."""
 import re
 from pathlib import Path
 
@@ -24,8 +24,8 @@ setup(
                   "Documentation": "https://github.com/moa-cultures/moa-cultures/blob/main/docs/design.md"},
     classifiers=["Programming Language :: Python :: 3", "Topic :: Scientific/Engineering :: Artificial Intelligence"],
     python_requires=">=3.10",
-    packages=moa_packages + ["moa.kernels", "moa.kernels.multi_lora", "moa.training", "moa.configs", "moa.data.tiny"],
-    package_dir={"moa.kernels": "kernels", "moa.training": "training", "moa.configs": "configs", "moa.data.tiny": "data/tiny"},
+    packages=moa_packages + ["moa.configs", "moa.data.tiny"],
+    package_dir={"moa.configs": "configs", "moa.data.tiny": "data/tiny"},
     package_data={"moa": ["data/bundled/**/*", "data/bundled/*"], "moa.kernels.multi_lora": ["csrc/*.cpp"],
                   "moa.configs": ["*/*.yaml", "*/*.json"], "moa.data.tiny": ["*.jsonl", "*.json"]},
     include_package_data=True,
@@ -34,7 +34,7 @@ setup(
     # whose internals moa reads are bounded by minor version; the others at their next major version.
     install_requires=[
         "torch>=2.13,<2.14",  # older torch has no CPU-only wheel on PyPI to test with
-        "transformers>=4.57.1,<5.25",  # 4.57.0 is yanked; internals move between minor releases: moa/compat.py reads them
+        "transformers>=4.57.1,<5.26",  # 4.57.0 is yanked; internals move between minor releases: moa/compat.py reads them
         "peft>=0.17,<0.22",  # moa/peft_io.py reads and writes its adapter layout
         "bitsandbytes>=0.47,<0.51",  # 0.47: nf4 on CPU; moa/bnb.py reads its quantized layers
         "deepspeed>=0.19,<0.20",  # 0.18.x: ZeRO-2 on 2 processes diverges from 1 process at step 2; fragment API

@@ -3,18 +3,16 @@ library (the op, the model, its config and saved runs) never imports an applicat
 import ast
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = {"moa": ROOT / "moa", "moa.kernels": ROOT / "kernels", "moa.training": ROOT / "training"}
+PACKAGE = Path(__file__).resolve().parents[1] / "moa"
 
 
 def module_files() -> dict[str, Path]:
     files = {}
-    for package, folder in PACKAGES.items():
-        for path in folder.rglob("*.py"):
-            parts = path.relative_to(folder).with_suffix("").parts
-            if parts[-1] == "__init__":
-                parts = parts[:-1]
-            files[".".join((package, *parts))] = path
+    for path in PACKAGE.rglob("*.py"):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        files[".".join(("moa", *parts))] = path
     return files
 
 

@@ -11,8 +11,8 @@ import pytest
 from train_helpers import metrics, moa_train, tiny_config, torchrun_train
 
 from moa.errors import UsageError
-from training.config import TrainConfig
-from training.trackers import check_installed, flatten, scalars
+from moa.training.config import TrainConfig
+from moa.training.trackers import check_installed, flatten, scalars
 
 TRACKERS = ["tensorboard", "wandb", "mlflow", "trackio"]
 

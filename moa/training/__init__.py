@@ -1,0 +1,1 @@
+"""DeepSpeed training of culture adapters and routers."""

@@ -1,1 +1,0 @@
-"""DeepSpeed training of culture adapters and routers (installed as `moa.training`)."""
