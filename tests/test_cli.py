@@ -79,7 +79,8 @@ def test_config_paths_name_the_installed_copy_when_missing_here(tmp_path, monkey
 
 @pytest.mark.slow
 def test_wheel_ships_configs_tiny_data_and_bundled_data(tmp_path):
-    """The wheel holds configs/ as moa/configs/, data/tiny/ as moa/data/tiny/ and moa/data/bundled/."""
+    """The wheel holds configs/ as moa/configs/, data/tiny/ as moa/data/tiny/, moa/data/bundled/, the op's C++ source,
+    and nothing outside moa/ (no top-level module to shadow another distribution's)."""
     source = tmp_path / "src"
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", "runs", "build", "*.egg-info", "__pycache__",
                                                                  ".pytest_cache", ".benchmarks"))
@@ -95,5 +96,8 @@ def test_wheel_ships_configs_tiny_data_and_bundled_data(tmp_path):
     expected = {f"moa/configs/{p.relative_to(ROOT / 'configs')}" for p in (ROOT / "configs").rglob("*.*")}
     expected |= {f"moa/data/tiny/{p.name}" for p in (ROOT / "data" / "tiny").glob("*.json*")}
     expected |= {f"moa/data/bundled/{p.name}" for p in (ROOT / "moa" / "data" / "bundled").iterdir()}
+    expected |= {"moa/kernels/multi_lora/csrc/lora_decode.cpp", "moa/kernels/multi_lora/triton_backend.py",
+                 "moa/training/trainer.py"}
     expected = {name for name in expected if "__pycache__" not in name}
     assert len(expected) > 20 and expected <= shipped, sorted(expected - shipped)
+    assert {name.split("/")[0] for name in shipped if not name.split("/")[0].endswith(".dist-info")} == {"moa"}
